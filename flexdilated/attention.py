@@ -1,0 +1,112 @@
+"""``dilated_attention``: the public entry point (SPEC §1).
+
+Each branch (pattern + the heads using it, `spec.py`) is gathered into a dense layout with segments folded into
+the batch (`layout.py`), attended with a block mask (`masks.py`, `kernels.py`) and put back in natural order,
+where the branches are merged by their log-sum-exp (`merge.py`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .kernels import flex_route, math_route
+from .layout import Unit, gather, scatter, units
+from .masks import branch_block_mask, branch_mask_mod
+from .merge import merge_lse, merge_weight
+from .spec import Branch, DilatedSpec, branches
+
+FLEX_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+DTYPES = FLEX_DTYPES + (torch.float64,)
+
+
+def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: DilatedSpec, scale: float | None) -> float:
+    """Validate the arguments of `dilated_attention`; returns the scale to use."""
+    if not isinstance(spec, DilatedSpec):
+        raise TypeError(f"spec must be a flexdilated.DilatedSpec, got {type(spec).__name__}")
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != 4:
+            raise ValueError(f"{name} must be 4-D (B, H, N, D), got shape {tuple(x.shape)}")
+        if x.dtype not in DTYPES:
+            raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {x.dtype}")
+    for name, x in (("k", k), ("v", v)):
+        if x.dtype != q.dtype:
+            raise TypeError(f"{name}.dtype must equal q.dtype ({q.dtype}), got {x.dtype}")
+        if x.device != q.device:
+            raise ValueError(f"{name}.device must equal q.device ({q.device}), got {x.device}")
+    B, H, N, D = q.shape
+    if N == 0:
+        raise ValueError("q must have a sequence length N >= 1, got N = 0")
+    if D == 0:
+        raise ValueError("q must have a head dimension D >= 1, got D = 0")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    Bk, Hkv, Nk, Dk = k.shape
+    if (Bk, Nk, Dk) != (B, N, D):
+        raise ValueError(
+            f"k must match q in batch, length and head dim (B={B}, N={N}, D={D}), got B={Bk}, N={Nk}, D={Dk}"
+        )
+    if Hkv == 0 or H % Hkv:
+        raise ValueError(f"q's heads ({H}) must be a multiple of k's heads ({Hkv})")
+    if scale is None:
+        return 1.0 / math.sqrt(D)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"scale must be a finite number > 0, got {scale!r}")
+    return float(scale)
+
+
+def _attend(q, k, v, branch: Branch, unit: Unit, causal: bool, scale: float):
+    where = dict(first_segment=unit.first_segment, num_segments=unit.num_segments)
+    if q.is_cuda and q.dtype in FLEX_DTYPES:
+        masks = lambda start: branch_block_mask(branch, unit.seglen, causal, q.device, batch_start=start, **where)
+        return flex_route(q, k, v, masks, scale)
+    return math_route(q, k, v, branch_mask_mod(branch, unit.seglen, causal, q.device, **where), scale)
+
+
+def dilated_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    spec: DilatedSpec,
+    *,
+    scale: float | None = None,
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Dilated attention of SPEC §1.
+
+    q: (B, H, N, D); k, v: (B, Hkv, N, D) with H % Hkv == 0 (GQA: query head h reads kv head h // (H // Hkv)).
+    Returns out (B, H, N, D) in q's dtype, and with ``return_lse`` the float32 natural-log LSE (B, H, N):
+    ``out_p = sum_t m e^{s_pt} v_t / sum_t m e^{s_pt}``, ``s = scale * <q_p, k_t>``, m the multiplicity of (p, t)
+    (``min(m, 1)`` for ``overlap="set"``); rows that reach no key give 0 and LSE -inf.
+    """
+    scale = check_inputs(q, k, v, spec, scale)
+    B, H, N, D = q.shape
+    group = H // k.shape[1]
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+
+    parts = []  # (unit start, unit stop, natural out rows, coverage) per branch unit, and natural LSE per branch
+    lses = []
+    for branch in branches(spec, H):
+        heads = torch.tensor(branch.heads, device=q.device)
+        lse_nat = []
+        for unit in units(branch, N):
+            qg = gather(q, branch, unit, heads)
+            kg, vg = (gather(x, branch, unit, heads // group) for x in (k, v))
+            out_g, lse_g = _attend(qg, kg, vg, branch, unit, spec.causal, scale)
+            lse_u, covered = scatter(lse_g[..., None], branch, unit, H, B)
+            lse_nat.append(torch.where(covered, lse_u[..., 0].to(acc), float("-inf")))
+            start = unit.first_segment * branch.segment
+            parts.append((len(lses), start, start + unit.num_segments * unit.seglen, out_g, branch, unit))
+        lses.append(torch.cat(lse_nat, dim=2))
+
+    lse = merge_lse(lses)
+    out = torch.zeros(B, H, N, D, dtype=acc, device=q.device)
+    for i, start, stop, out_g, branch, unit in parts:
+        rows, covered = scatter(out_g, branch, unit, H, B)
+        weight = merge_weight(lses[i][:, :, start:stop], lse[:, :, start:stop])
+        out[:, :, start:stop] += torch.where(covered[..., None], weight[..., None] * rows.to(acc), 0.0)
+    out = out.to(q.dtype)
+    return (out, lse.float()) if return_lse else out

@@ -1,0 +1,126 @@
+"""Attention of one branch on its gathered layout: ``(out, lse)`` with ``lse = log sum_j exp(scale * q_i . k_j)``
+over the kept keys (natural log; ``out = 0`` and ``lse = -inf`` on rows that keep nothing).
+
+Two routes with the same semantics:
+
+- ``flex``: ``torch.compile``d ``flex_attention`` with the branch's BlockMask. CUDA, fp16/bf16/fp32; autograd is
+  flex's own (gradients flow through the LSE too).
+- ``math``: dense masked attention over slabs of the folded batch with a recomputing backward (memory O(N), the
+  score tile of one slab at a time). Used on CPU, for float64, and under an enclosing ``torch.compile`` on CPU.
+  In eager CPU calls its forward runs through eager ``flex_attention`` (which has no CPU backward).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch.nn.attention.flex_attention import AuxRequest, BlockMask, flex_attention
+
+from .masks import MaskMod
+
+_flex = torch.compile(flex_attention, fullgraph=True)
+
+MAX_ELEMENTS = 2**31 - 1  # flex indexes each of q, k, v, out with int32 offsets
+SLAB_SCORES = 2**24  # score elements per slab in the math route (64 MiB in float32)
+
+
+def flex_route(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask_at: Callable[[int], BlockMask], scale: float
+):
+    """Compiled flex on (Bf, H, L, D) tensors, in slabs of the batch small enough for int32 indexing;
+    ``block_mask_at(start)`` is the mask of the slab starting at batch entry ``start``."""
+    step = max(1, MAX_ELEMENTS // max(q[0].numel(), 1))
+    outs, lses = [], []
+    for start in range(0, q.shape[0], step):
+        qs, ks, vs = (x[start : start + step] for x in (q, k, v))
+        if not torch.compiler.is_compiling():
+            for x in (qs, ks, vs):
+                torch._dynamo.maybe_mark_dynamic(x, 0)  # one kernel for every N
+        out, aux = _flex(qs, ks, vs, block_mask=block_mask_at(start), scale=scale, return_aux=AuxRequest(lse=True))
+        outs.append(out)
+        lses.append(aux.lse)
+    if len(outs) == 1:
+        return outs[0], lses[0]
+    return torch.cat(outs), torch.cat(lses)
+
+
+def _keep(mask_mod: MaskMod, start: int, stop: int, heads: int, L: int, device) -> torch.Tensor:
+    b = torch.arange(start, stop, device=device)[:, None, None, None]
+    h = torch.arange(heads, device=device)[None, :, None, None]
+    i = torch.arange(L, device=device)[None, None, :, None]
+    return mask_mod(b, h, i, i.transpose(2, 3))
+
+
+def _working(x: torch.Tensor) -> torch.Tensor:
+    return x if x.dtype == torch.float64 else x.float()
+
+
+def _scores(q, k, keep, scale):
+    s = (_working(q) @ _working(k).transpose(-1, -2)) * scale
+    return s.masked_fill(~keep, float("-inf"))
+
+
+class _MathAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, mask_mod, scale, use_flex):
+        Bf, H, L, _ = q.shape
+        step = max(1, SLAB_SCORES // max(H * L * L, 1))
+        out = torch.empty_like(q)
+        lse = torch.empty(Bf, H, L, dtype=torch.float64 if q.dtype == torch.float64 else torch.float32, device=q.device)
+        for a in range(0, Bf, step):
+            z = min(a + step, Bf)
+            if use_flex:
+                bm = BlockMask.from_kv_blocks(
+                    torch.ones(1, H, 1, dtype=torch.int32, device=q.device),
+                    torch.zeros(1, H, 1, 1, dtype=torch.int32, device=q.device),
+                    BLOCK_SIZE=max(L, 1),
+                    mask_mod=_shifted(mask_mod, a),
+                    seq_lengths=(L, L),
+                )
+                qs, ks, vs = (x[a:z].detach() for x in (q, k, v))  # eager CPU flex refuses tensors needing grad
+                o, aux = flex_attention(qs, ks, vs, block_mask=bm, scale=scale, return_aux=AuxRequest(lse=True))
+                out[a:z], lse[a:z] = o, aux.lse
+                continue
+            s = _scores(q[a:z], k[a:z], _keep(mask_mod, a, z, H, L, q.device), scale)
+            m = s.amax(-1, keepdim=True)
+            e = torch.exp(s - torch.where(m == float("-inf"), 0.0, m))
+            den = e.sum(-1, keepdim=True)
+            out[a:z] = (e @ _working(v[a:z])) / torch.where(den == 0, 1.0, den)
+            lse[a:z] = torch.where(den == 0, float("-inf"), m + torch.log(den)).squeeze(-1)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.mask_mod, ctx.scale, ctx.step = mask_mod, scale, step
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        Bf, H, L, _ = q.shape
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        if dout is None:
+            dout = torch.zeros_like(out)
+        if dlse is None:
+            dlse = torch.zeros_like(lse)
+        for a in range(0, Bf, ctx.step):
+            z = min(a + ctx.step, Bf)
+            qs, ks, vs, do = (_working(x[a:z]) for x in (q, k, v, dout))
+            s = _scores(qs, ks, _keep(ctx.mask_mod, a, z, H, L, q.device), ctx.scale)
+            l = lse[a:z].to(s.dtype)
+            p = torch.exp(s - torch.where(l == float("-inf"), 0.0, l)[..., None])
+            dv[a:z] = p.transpose(-1, -2) @ do
+            delta = (do * _working(out[a:z])).sum(-1, keepdim=True)
+            ds = p * (do @ vs.transpose(-1, -2) - delta + dlse[a:z].to(s.dtype)[..., None])
+            dq[a:z] = (ds @ ks) * ctx.scale
+            dk[a:z] = (ds.transpose(-1, -2) @ qs) * ctx.scale
+        return dq, dk, dv, None, None, None
+
+
+def _shifted(mask_mod: MaskMod, start: int) -> MaskMod:
+    """The mask_mod seen by a slab whose batch entry 0 is entry ``start`` of the whole batch."""
+    return mask_mod if start == 0 else (lambda b, h, i, j: mask_mod(b + start, h, i, j))
+
+
+def math_route(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask_mod: MaskMod, scale: float):
+    """Dense masked attention in slabs; forward through eager flex on CPU outside ``torch.compile``."""
+    use_flex = q.device.type == "cpu" and not torch.compiler.is_compiling()
+    return _MathAttention.apply(q, k, v, mask_mod, scale, use_flex)

@@ -1,0 +1,82 @@
+"""Moving tokens between the natural order (B, H, N, D) and a branch's gathered layout (B * S, H_b, L, D).
+
+A branch with segment ``w`` splits ``0..N-1`` into ``S = N // w`` whole segments and, if ``N % w``, one shorter
+tail segment (a segment longer than N is all tail). Within a segment of length ``n``, head ``k`` of the branch
+(offset ``o_k``) sees the tokens ``u = o_k + j * r`` for ``j < ceil((n - o_k) / r)``; the gathered layout puts
+them in rows ``j = 0, 1, ...`` of batch entry ``b * S + s``. Rows past a head's count repeat a real token and are
+masked out (`masks.py`): padding never enters a softmax. Index tensors depend only on (branch, n), not on N.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .masks import counts, gathered_len
+from .spec import Branch
+
+
+@dataclass(frozen=True)
+class Unit:
+    """``num_segments`` segments of length ``seglen``, the first starting at token ``first_segment * w``."""
+
+    first_segment: int
+    num_segments: int
+    seglen: int
+
+
+def units(branch: Branch, seq_len: int) -> list[Unit]:
+    """The whole segments of the branch as one unit and the tail segment, if any, as another."""
+    w = branch.segment
+    whole, tail = divmod(seq_len, w)
+    out = [Unit(0, whole, w)] if whole else []
+    if tail:
+        out.append(Unit(whole, 1, tail))
+    return out
+
+
+def _rows(branch: Branch, seglen: int, device: torch.device) -> torch.Tensor:
+    """(H_b, L): the segment position gathered into row j of head k (clamped inside the segment)."""
+    L = gathered_len(branch, seglen)
+    j = torch.arange(L, device=device)
+    c = torch.tensor(counts(branch, seglen), device=device)
+    o = torch.tensor(branch.offsets, device=device)
+    u = o[:, None] + torch.minimum(j[None, :], (c[:, None] - 1).clamp(min=0)) * branch.rate
+    return u.clamp(max=seglen - 1)
+
+
+def gather(x: torch.Tensor, branch: Branch, unit: Unit, heads: torch.Tensor) -> torch.Tensor:
+    """(B, Hx, N, D) -> (B * num_segments, H_b, L, D); ``heads[k]`` is the head of ``x`` feeding head k."""
+    B, _, _, D = x.shape
+    start = unit.first_segment * branch.segment
+    seg = x.narrow(2, start, unit.num_segments * unit.seglen).unflatten(2, (unit.num_segments, unit.seglen))
+    seg = seg.transpose(1, 2)  # (B, S, Hx, n, D)
+    rows = _rows(branch, unit.seglen, x.device)
+    out = seg[:, :, heads[:, None], rows]  # (B, S, H_b, L, D)
+    return out.reshape(B * unit.num_segments, len(branch.heads), -1, D)
+
+
+def scatter_index(branch: Branch, seglen: int, num_heads: int, device: torch.device):
+    """For every (head h, segment position u): whether the branch covers it, and its flat row ``k * L + j``."""
+    L = gathered_len(branch, seglen)
+    covered = torch.zeros(num_heads, seglen, dtype=torch.bool, device=device)
+    flat = torch.zeros(num_heads, seglen, dtype=torch.int64, device=device)
+    u = torch.arange(seglen, device=device)
+    for k, (h, o) in enumerate(zip(branch.heads, branch.offsets)):
+        covered[h] = u % branch.rate == o
+        flat[h] = k * L + torch.where(covered[h], u // branch.rate, 0)
+    return covered, flat
+
+
+def scatter(y: torch.Tensor, branch: Branch, unit: Unit, num_heads: int, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gathered rows (B * S, H_b, L, *E) back to natural order (B, H, S * n, *E), zero where not covered.
+
+    Returns the natural-order tensor and the coverage mask (H, S * n) broadcastable against it.
+    """
+    covered, flat = scatter_index(branch, unit.seglen, num_heads, y.device)
+    extra = y.shape[3:]
+    S, n = unit.num_segments, unit.seglen
+    rows = y.reshape(batch, S, -1, *extra).index_select(2, flat.flatten())  # (B, S, H * n, *E)
+    rows = rows.view(batch, S, num_heads, n, *extra).transpose(1, 2).reshape(batch, num_heads, S * n, *extra)
+    return rows, covered.repeat(1, S)

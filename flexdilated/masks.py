@@ -1,0 +1,152 @@
+"""Mask functions of one branch in its gathered layout, and the block masks built from them.
+
+A branch's tokens are gathered per segment (`layout.py`): row ``j`` of head ``k`` holds the token at
+``u = o_k + j * r`` of its segment, so the dilated pattern becomes a dense square ``j < count_k`` that is made of
+whole blocks whenever ``w / r`` is a multiple of the block size. The block mask depends only on the branch and
+the segment length, never on the sequence length N (segments are folded into the batch dimension).
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Callable
+
+import torch
+from torch.nn.attention.flex_attention import BlockMask
+
+from .spec import Branch
+
+BLOCK_SIZE = 128
+MaskMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def counts(branch: Branch, seglen: int) -> list[int]:
+    """Tokens of a segment of length ``seglen`` that each head of the branch sees: ``ceil((seglen - o) / r)``."""
+    return [max(0, -(-(seglen - o) // branch.rate)) for o in branch.offsets]
+
+
+def gathered_len(branch: Branch, seglen: int) -> int:
+    """Rows of the gathered layout of a segment: the largest count, ``ceil(seglen / r)``."""
+    return -(-seglen // branch.rate)
+
+
+def branch_mask_mod(
+    branch: Branch,
+    seglen: int,
+    causal: bool,
+    device: torch.device,
+    first_segment: int = 0,
+    num_segments: int = 1,
+    batch_start: int = 0,
+    exclusions: bool = True,
+) -> MaskMod:
+    """``mask_mod(b, k, i, j)`` of the branch's gathered layout, pure index arithmetic:
+
+        keep = i < count_k  and  j < count_k  [and j <= i if causal]
+               and not (some earlier pattern e reaches (p, t))           # overlap="set" only
+
+    with ``p = s*w + o_k + i*r``, ``t = s*w + o_k + j*r`` and segment
+    ``s = first_segment + (batch_start + b) % num_segments``.
+    Pattern e reaches (p, t) iff ``p // w_e == t // w_e`` and ``(p % w_e) % r_e == o_e == (t % w_e) % r_e``.
+    """
+    count = torch.tensor(counts(branch, seglen), dtype=torch.int32, device=device)
+    offset = torch.tensor(branch.offsets, dtype=torch.int32, device=device)
+    earlier = [
+        (w_e, r_e, torch.tensor(o_e, dtype=torch.int32, device=device))
+        for w_e, r_e, o_e in (branch.earlier if exclusions else ())
+    ]
+    w, r = branch.segment, branch.rate
+    nested = branch.nested
+    seg0 = torch.tensor(first_segment, dtype=torch.int64, device=device)
+    nseg = torch.tensor(num_segments, dtype=torch.int64, device=device)
+    b0 = torch.tensor(batch_start, dtype=torch.int64, device=device)
+
+    def mask_mod(b, k, i, j):
+        c = count[k]
+        keep = (i < c) & (j < c)
+        if causal:
+            keep = keep & (j <= i)
+        if earlier:
+            p = offset[k] + i * r
+            t = offset[k] + j * r
+            if not nested:  # segments of an earlier pattern straddle ours: use the absolute positions
+                start = (seg0 + (b0 + b) % nseg) * w
+                p, t = p + start, t + start
+            for w_e, r_e, o_e in earlier:
+                o = o_e[k]
+                keep = keep & ~((p // w_e == t // w_e) & ((p % w_e) % r_e == o) & ((t % w_e) % r_e == o))
+        return keep
+
+    return mask_mod
+
+
+def _first_true(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row, the number of True entries and their column indices listed first (flex's block table)."""
+    num = x.sum(-1, dtype=torch.int32)
+    idx = torch.argsort(x.to(torch.int8), dim=-1, descending=True, stable=True).to(torch.int32)
+    return num, idx
+
+
+@lru_cache(maxsize=512)
+def _block_tables(branch: Branch, seglen: int, causal: bool, device: torch.device, block: int):
+    """Partial and full block tables of the branch on a segment of length ``seglen``.
+
+    The mask is evaluated one row of query blocks at a time: O(H * block * L) memory, never (H, L, L).
+    If the set-exclusion varies by segment (``not branch.nested``) it is left to the mask_mod, element-wise:
+    every block it might touch is marked partial.
+    """
+    exact = branch.nested
+    mask_mod = branch_mask_mod(branch, seglen, causal, device, exclusions=exact)
+    L = gathered_len(branch, seglen)
+    nb = -(-L // block)
+    heads = torch.arange(len(branch.heads), device=device)[:, None, None]
+    cols = torch.arange(nb * block, device=device)
+    b0 = torch.zeros((), dtype=torch.int64, device=device)
+    any_rows, all_rows = [], []
+    for qb in range(nb):
+        rows = torch.arange(qb * block, (qb + 1) * block, device=device)
+        keep = mask_mod(b0, heads, rows[None, :, None], cols[None, None, :])
+        inside = (rows[:, None] < L) & (cols[None, :] < L)
+        keep = keep.view(-1, block, nb, block)
+        inside = inside.view(1, block, nb, block)
+        any_rows.append((keep & inside).any(dim=3).any(dim=1))
+        all_rows.append((keep | ~inside).all(dim=3).all(dim=1))
+    any_ = torch.stack(any_rows, dim=1)
+    full = torch.stack(all_rows, dim=1) & any_ if exact else torch.zeros_like(any_)
+    partial = any_ & ~full
+    kv_num, kv_idx = _first_true(partial)
+    full_num, full_idx = _first_true(full)
+    return kv_num[None], kv_idx[None], full_num[None], full_idx[None]
+
+
+@lru_cache(maxsize=512)
+def _cached_block_mask(branch: Branch, seglen: int, causal: bool, device: torch.device, block: int) -> BlockMask:
+    mask_mod = branch_mask_mod(branch, seglen, causal, device)
+    L = gathered_len(branch, seglen)
+    return BlockMask.from_kv_blocks(
+        *_block_tables(branch, seglen, causal, device, block), BLOCK_SIZE=block, mask_mod=mask_mod, seq_lengths=(L, L)
+    )
+
+
+def branch_block_mask(
+    branch: Branch,
+    seglen: int,
+    causal: bool,
+    device: torch.device,
+    first_segment: int = 0,
+    num_segments: int = 1,
+    batch_start: int = 0,
+    block: int = BLOCK_SIZE,
+) -> BlockMask:
+    """The BlockMask of a branch over segments of length ``seglen`` (cached; independent of N).
+
+    ``first_segment``, ``num_segments`` and ``batch_start`` matter only when ``branch.nested`` is False; then the mask_mod needs
+    the absolute segment index and the mask is rebuilt around the cached block tables on every call.
+    """
+    if branch.nested:
+        return _cached_block_mask(branch, seglen, causal, device, block)
+    mask_mod = branch_mask_mod(branch, seglen, causal, device, first_segment, num_segments, batch_start)
+    L = gathered_len(branch, seglen)
+    return BlockMask.from_kv_blocks(
+        *_block_tables(branch, seglen, causal, device, block), BLOCK_SIZE=block, mask_mod=mask_mod, seq_lengths=(L, L)
+    )

@@ -1,0 +1,68 @@
+"""The definition of SPEC §1 written as plainly as possible: a dense (H, N, N) multiplicity and a dense softmax.
+
+The ground truth of the tests, public so users can check the fast path themselves. O(N^2) memory: small N only.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .spec import DilatedSpec, head_offsets
+
+
+def dilated_mask(spec: DilatedSpec, num_heads: int, seq_len: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The multiplicity ``m[h, p, t]``: how many patterns let query p attend key t in head h (int64, (H, N, N)).
+
+    Pattern i with offset o reaches (p, t) iff ``p // w == t // w`` and ``(p % w) % r == o == (t % w) % r``,
+    and ``t <= p`` when causal.
+    """
+    if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads <= 0:
+        raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len <= 0:
+        raise ValueError(f"seq_len must be a positive int, got {seq_len!r}")
+    p = torch.arange(seq_len, device=device)[:, None]
+    t = torch.arange(seq_len, device=device)[None, :]
+    m = torch.zeros(num_heads, seq_len, seq_len, dtype=torch.int64, device=device)
+    for (w, r), offsets in zip(spec.patterns, head_offsets(spec, num_heads)):
+        for h, o in enumerate(offsets):
+            if o is not None:
+                m[h] += (p // w == t // w) & ((p % w) % r == o) & ((t % w) % r == o)
+    if spec.causal:
+        m = m * (t <= p)
+    return m
+
+
+def reference_dilated_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    spec: DilatedSpec,
+    *,
+    scale: float | None = None,
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """``out_p = sum_t m e^{s_pt} v_t / sum_t m e^{s_pt}``, ``lse_p = log sum_t m e^{s_pt}``, dense.
+
+    Same arguments and results as `flexdilated.dilated_attention`; computed in float64 for float64 inputs and
+    float32 otherwise. Rows with no key give out 0 and LSE -inf, with NaN-free gradients.
+    """
+    B, H, N, D = q.shape
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    group = H // k.shape[1]
+    work = torch.float64 if q.dtype == torch.float64 else torch.float32
+    k, v = (x.repeat_interleave(group, dim=1).to(work) for x in (k, v))
+    m = dilated_mask(spec, H, N, q.device)
+    if spec.overlap == "set":
+        m = m.clamp(max=1)
+    s = scale * (q.to(work) @ k.transpose(-1, -2)) + torch.log(m.to(work))  # log 0 = -inf: not attended
+    top = s.detach().amax(-1, keepdim=True)
+    top = torch.where(top == float("-inf"), 0.0, top)
+    e = torch.exp(s - top)
+    total = e.sum(-1, keepdim=True)
+    empty = total == 0
+    total = torch.where(empty, 1.0, total)
+    out = ((e / total) @ v).to(q.dtype)
+    lse = torch.where(empty, float("-inf"), top + torch.log(total)).squeeze(-1).float()
+    return (out, lse) if return_lse else out

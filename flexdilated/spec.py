@@ -1,0 +1,128 @@
+"""The dilated-attention spec (SPEC §1) and how it splits into per-pattern branches.
+
+A spec is a list of patterns ``(w_i, r_i)``. Head ``h`` uses pattern ``i`` with offset ``o(h, i)``; query ``p``
+attends key ``t`` under ``(h, i)`` iff ``p // w == t // w`` and ``(p % w) % r == o == (t % w) % r``
+(and ``t <= p`` when causal).
+
+A *branch* is one pattern together with the heads that use it and their offsets. The fast path computes one
+attention per branch and merges the branches by their log-sum-exp (`merge.py`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+HEAD_MODES = ("all", "grouped")
+OVERLAP_MODES = ("multiset", "set")
+
+
+def _positive_ints(name: str, values) -> tuple[int, ...]:
+    try:
+        values = tuple(values)
+    except TypeError:
+        raise ValueError(f"{name} must be a sequence of positive ints, got {values!r}") from None
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+            raise ValueError(f"{name} must hold positive ints, got {v!r} in {values!r}")
+    return values
+
+
+@dataclass(frozen=True)
+class DilatedSpec:
+    """Patterns ``(segment_lengths[i], dilation_rates[i])`` plus ``causal``, ``heads`` and ``overlap``.
+
+    ``heads="all"``: every head uses every pattern with offset ``h % r_i`` (LongNet).
+    ``heads="grouped"``: heads split into ``len(patterns)`` contiguous groups, the first ``H % G`` one head
+    larger; group ``g`` uses pattern ``g`` only, offset ``g % r_g`` (dilated-attention-pytorch).
+    ``overlap="multiset"``: a key reached by ``m`` patterns is weighted ``m`` (LongNet's LSE merge);
+    ``overlap="set"``: it counts once.
+    """
+
+    segment_lengths: tuple[int, ...]
+    dilation_rates: tuple[int, ...]
+    causal: bool = False
+    heads: str = "all"
+    overlap: str = "multiset"
+
+    def __post_init__(self) -> None:
+        w = _positive_ints("segment_lengths", self.segment_lengths)
+        r = _positive_ints("dilation_rates", self.dilation_rates)
+        if not w:
+            raise ValueError("segment_lengths must hold at least one pattern, got ()")
+        if len(w) != len(r):
+            raise ValueError(
+                f"segment_lengths and dilation_rates must have equal lengths, got {len(w)} and {len(r)}"
+            )
+        if not isinstance(self.causal, bool):
+            raise ValueError(f"causal must be a bool, got {self.causal!r}")
+        if self.heads not in HEAD_MODES:
+            raise ValueError(f"heads must be one of {HEAD_MODES}, got {self.heads!r}")
+        if self.overlap not in OVERLAP_MODES:
+            raise ValueError(f"overlap must be one of {OVERLAP_MODES}, got {self.overlap!r}")
+        object.__setattr__(self, "segment_lengths", w)
+        object.__setattr__(self, "dilation_rates", r)
+
+    @property
+    def patterns(self) -> tuple[tuple[int, int], ...]:
+        return tuple(zip(self.segment_lengths, self.dilation_rates))
+
+
+def head_offsets(spec: DilatedSpec, num_heads: int) -> list[list[int | None]]:
+    """``offsets[i][h]``: the offset of head ``h`` under pattern ``i``, or None if ``h`` does not use it."""
+    n = len(spec.patterns)
+    if spec.heads == "all":
+        return [[h % r for h in range(num_heads)] for _, r in spec.patterns]
+    sizes = [num_heads // n + (g < num_heads % n) for g in range(n)]
+    offsets: list[list[int | None]] = []
+    start = 0
+    for g, (_, r) in enumerate(spec.patterns):
+        offsets.append([g % r if start <= h < start + sizes[g] else None for h in range(num_heads)])
+        start += sizes[g]
+    return offsets
+
+
+@dataclass(frozen=True)
+class Branch:
+    """One pattern with the heads that use it.
+
+    ``earlier`` lists, for ``overlap="set"``, the patterns that claim a shared (query, key) pair before this
+    one: ``(w_e, r_e, offsets_e)`` with ``offsets_e[k]`` the offset of ``heads[k]`` under that pattern.
+    """
+
+    segment: int
+    rate: int
+    heads: tuple[int, ...]
+    offsets: tuple[int, ...]
+    earlier: tuple[tuple[int, int, tuple[int, ...]], ...] = ()
+
+    @property
+    def nested(self) -> bool:
+        """Whether every earlier pattern's segments tile this one's: then the set-exclusion mask is the same in
+        every segment (otherwise it depends on the segment index and is applied element-wise)."""
+        return all(self.segment % w_e == 0 for w_e, _, _ in self.earlier)
+
+
+@lru_cache(maxsize=256)
+def branches(spec: DilatedSpec, num_heads: int) -> tuple[Branch, ...]:
+    """The branches of ``spec`` for ``num_heads`` heads, smallest segment first.
+
+    With ``overlap="set"`` a (query, key) pair reached by several patterns is given to the first branch in this
+    order; later branches exclude it (their ``earlier`` field).
+    """
+    offsets = head_offsets(spec, num_heads)
+    order = sorted(range(len(spec.patterns)), key=lambda i: (spec.segment_lengths[i], i))
+    out: list[Branch] = []
+    for n, i in enumerate(order):
+        w, r = spec.patterns[i]
+        heads = tuple(h for h in range(num_heads) if offsets[i][h] is not None)
+        if not heads:
+            continue
+        earlier = []
+        if spec.overlap == "set":
+            for e in order[:n]:
+                if all(offsets[e][h] is not None for h in heads):  # "grouped" never shares a head
+                    we, re_ = spec.patterns[e]
+                    earlier.append((we, re_, tuple(offsets[e][h] for h in heads)))
+        out.append(Branch(w, r, heads, tuple(offsets[i][h] for h in heads), tuple(earlier)))
+    return tuple(out)
