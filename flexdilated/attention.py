@@ -58,10 +58,21 @@ def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: Dilate
     return float(scale)
 
 
+def _use_flex(q: torch.Tensor) -> bool:
+    return q.is_cuda and q.dtype in FLEX_DTYPES
+
+
+def _pad_tails(q: torch.Tensor) -> bool:
+    """Gather tails into whole-segment shapes where a compiled kernel would otherwise recompile per tail."""
+    return _use_flex(q)
+
+
 def _attend(q, k, v, branch: Branch, unit: Unit, causal: bool, scale: float):
     where = dict(first_segment=unit.first_segment, num_segments=unit.num_segments)
-    if q.is_cuda and q.dtype in FLEX_DTYPES:
-        masks = lambda start: branch_block_mask(branch, unit.seglen, causal, q.device, batch_start=start, **where)
+    if _use_flex(q):
+        masks = lambda start: branch_block_mask(
+            branch, unit.seglen, unit.rows, causal, q.device, batch_start=start, **where
+        )
         return flex_route(q, k, v, masks, scale)
     return math_route(q, k, v, branch_mask_mod(branch, unit.seglen, causal, q.device, **where), scale)
 
@@ -92,7 +103,7 @@ def dilated_attention(
     for branch in branches(spec, H):
         heads = torch.tensor(branch.heads, device=q.device)
         lse_nat = []
-        for unit in units(branch, N):
+        for unit in units(branch, N, pad_tail=_pad_tails(q)):
             qg = gather(q, branch, unit, heads)
             kg, vg = (gather(x, branch, unit, heads // group) for x in (k, v))
             out_g, lse_g = _attend(qg, kg, vg, branch, unit, spec.causal, scale)

@@ -5,6 +5,8 @@ tail segment (a segment longer than N is all tail). Within a segment of length `
 (offset ``o_k``) sees the tokens ``u = o_k + j * r`` for ``j < ceil((n - o_k) / r)``; the gathered layout puts
 them in rows ``j = 0, 1, ...`` of batch entry ``b * S + s``. Rows past a head's count repeat a real token and are
 masked out (`masks.py`): padding never enters a softmax. Index tensors depend only on (branch, n), not on N.
+A tail may be gathered into as many rows as a whole segment (``pad_tail``): then every unit of a branch has the
+same shape but its batch size, and one compiled kernel serves every N.
 """
 
 from __future__ import annotations
@@ -13,33 +15,35 @@ from dataclasses import dataclass
 
 import torch
 
-from .masks import counts, gathered_len
+from .masks import counts
 from .spec import Branch
 
 
 @dataclass(frozen=True)
 class Unit:
-    """``num_segments`` segments of length ``seglen``, the first starting at token ``first_segment * w``."""
+    """``num_segments`` segments of length ``seglen``, the first starting at token ``first_segment * w``,
+    gathered into ``rows`` rows per head (at least ``ceil(seglen / r)``)."""
 
     first_segment: int
     num_segments: int
     seglen: int
+    rows: int
 
 
-def units(branch: Branch, seq_len: int) -> list[Unit]:
+def units(branch: Branch, seq_len: int, pad_tail: bool) -> list[Unit]:
     """The whole segments of the branch as one unit and the tail segment, if any, as another."""
-    w = branch.segment
+    w, r = branch.segment, branch.rate
     whole, tail = divmod(seq_len, w)
-    out = [Unit(0, whole, w)] if whole else []
+    out = [Unit(0, whole, w, -(-w // r))] if whole else []
     if tail:
-        out.append(Unit(whole, 1, tail))
+        out.append(Unit(whole, 1, tail, -(-(w if pad_tail else tail) // r)))
     return out
 
 
-def _rows(branch: Branch, seglen: int, device: torch.device) -> torch.Tensor:
-    """(H_b, L): the segment position gathered into row j of head k (clamped inside the segment)."""
-    L = gathered_len(branch, seglen)
-    j = torch.arange(L, device=device)
+def _rows(branch: Branch, unit: Unit, device: torch.device) -> torch.Tensor:
+    """(H_b, rows): the segment position gathered into row j of head k (clamped inside the segment)."""
+    seglen = unit.seglen
+    j = torch.arange(unit.rows, device=device)
     c = torch.tensor(counts(branch, seglen), device=device)
     o = torch.tensor(branch.offsets, device=device)
     u = o[:, None] + torch.minimum(j[None, :], (c[:, None] - 1).clamp(min=0)) * branch.rate
@@ -52,14 +56,14 @@ def gather(x: torch.Tensor, branch: Branch, unit: Unit, heads: torch.Tensor) -> 
     start = unit.first_segment * branch.segment
     seg = x.narrow(2, start, unit.num_segments * unit.seglen).unflatten(2, (unit.num_segments, unit.seglen))
     seg = seg.transpose(1, 2)  # (B, S, Hx, n, D)
-    rows = _rows(branch, unit.seglen, x.device)
+    rows = _rows(branch, unit, x.device)
     out = seg[:, :, heads[:, None], rows]  # (B, S, H_b, L, D)
     return out.reshape(B * unit.num_segments, len(branch.heads), -1, D)
 
 
-def scatter_index(branch: Branch, seglen: int, num_heads: int, device: torch.device):
-    """For every (head h, segment position u): whether the branch covers it, and its flat row ``k * L + j``."""
-    L = gathered_len(branch, seglen)
+def scatter_index(branch: Branch, unit: Unit, num_heads: int, device: torch.device):
+    """For every (head h, segment position u): whether the branch covers it, and its flat row ``k * rows + j``."""
+    L, seglen = unit.rows, unit.seglen
     covered = torch.zeros(num_heads, seglen, dtype=torch.bool, device=device)
     flat = torch.zeros(num_heads, seglen, dtype=torch.int64, device=device)
     u = torch.arange(seglen, device=device)
@@ -74,7 +78,7 @@ def scatter(y: torch.Tensor, branch: Branch, unit: Unit, num_heads: int, batch: 
 
     Returns the natural-order tensor and the coverage mask (H, S * n) broadcastable against it.
     """
-    covered, flat = scatter_index(branch, unit.seglen, num_heads, y.device)
+    covered, flat = scatter_index(branch, unit, num_heads, y.device)
     extra = y.shape[3:]
     S, n = unit.num_segments, unit.seglen
     rows = y.reshape(batch, S, -1, *extra).index_select(2, flat.flatten())  # (B, S, H * n, *E)

@@ -25,11 +25,6 @@ def counts(branch: Branch, seglen: int) -> list[int]:
     return [max(0, -(-(seglen - o) // branch.rate)) for o in branch.offsets]
 
 
-def gathered_len(branch: Branch, seglen: int) -> int:
-    """Rows of the gathered layout of a segment: the largest count, ``ceil(seglen / r)``."""
-    return -(-seglen // branch.rate)
-
-
 def branch_mask_mod(
     branch: Branch,
     seglen: int,
@@ -42,30 +37,33 @@ def branch_mask_mod(
 ) -> MaskMod:
     """``mask_mod(b, k, i, j)`` of the branch's gathered layout, pure index arithmetic:
 
-        keep = i < count_k  and  j < count_k  [and j <= i if causal]
+        keep = i < count_k  and  j < count_k  and  (j <= i  or  not causal)
                and not (some earlier pattern e reaches (p, t))           # overlap="set" only
 
     with ``p = s*w + o_k + i*r``, ``t = s*w + o_k + j*r`` and segment
     ``s = first_segment + (batch_start + b) % num_segments``.
     Pattern e reaches (p, t) iff ``p // w_e == t // w_e`` and ``(p % w_e) % r_e == o_e == (t % w_e) % r_e``.
     """
+    def const(x: int) -> torch.Tensor:  # 0-d tensors, not Python ints: one kernel serves every branch (SPEC §3)
+        return torch.tensor(x, dtype=torch.int32, device=device)
+
+    is_causal = torch.tensor(causal, device=device)
     count = torch.tensor(counts(branch, seglen), dtype=torch.int32, device=device)
     offset = torch.tensor(branch.offsets, dtype=torch.int32, device=device)
     earlier = [
-        (w_e, r_e, torch.tensor(o_e, dtype=torch.int32, device=device))
+        (const(w_e), const(r_e), torch.tensor(o_e, dtype=torch.int32, device=device))
         for w_e, r_e, o_e in (branch.earlier if exclusions else ())
     ]
-    w, r = branch.segment, branch.rate
+    w, r = const(branch.segment), const(branch.rate)
     nested = branch.nested
-    seg0 = torch.tensor(first_segment, dtype=torch.int64, device=device)
-    nseg = torch.tensor(num_segments, dtype=torch.int64, device=device)
-    b0 = torch.tensor(batch_start, dtype=torch.int64, device=device)
+    seg0, nseg, b0 = (
+        torch.tensor(x, dtype=torch.int64, device=device)
+        for x in (first_segment, num_segments, batch_start)
+    )
 
     def mask_mod(b, k, i, j):
         c = count[k]
-        keep = (i < c) & (j < c)
-        if causal:
-            keep = keep & (j <= i)
+        keep = (i < c) & (j < c) & ((j <= i) | ~is_causal)
         if earlier:
             p = offset[k] + i * r
             t = offset[k] + j * r
@@ -88,8 +86,8 @@ def _first_true(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @lru_cache(maxsize=512)
-def _block_tables(branch: Branch, seglen: int, causal: bool, device: torch.device, block: int):
-    """Partial and full block tables of the branch on a segment of length ``seglen``.
+def _block_tables(branch: Branch, seglen: int, rows: int, causal: bool, device: torch.device, block: int):
+    """Partial and full block tables of the branch on a segment of length ``seglen`` gathered into ``rows`` rows.
 
     The mask is evaluated one row of query blocks at a time: O(H * block * L) memory, never (H, L, L).
     If the set-exclusion varies by segment (``not branch.nested``) it is left to the mask_mod, element-wise:
@@ -97,16 +95,16 @@ def _block_tables(branch: Branch, seglen: int, causal: bool, device: torch.devic
     """
     exact = branch.nested
     mask_mod = branch_mask_mod(branch, seglen, causal, device, exclusions=exact)
-    L = gathered_len(branch, seglen)
+    L = rows
     nb = -(-L // block)
     heads = torch.arange(len(branch.heads), device=device)[:, None, None]
     cols = torch.arange(nb * block, device=device)
     b0 = torch.zeros((), dtype=torch.int64, device=device)
     any_rows, all_rows = [], []
     for qb in range(nb):
-        rows = torch.arange(qb * block, (qb + 1) * block, device=device)
-        keep = mask_mod(b0, heads, rows[None, :, None], cols[None, None, :])
-        inside = (rows[:, None] < L) & (cols[None, :] < L)
+        i = torch.arange(qb * block, (qb + 1) * block, device=device)
+        keep = mask_mod(b0, heads, i[None, :, None], cols[None, None, :])
+        inside = (i[:, None] < L) & (cols[None, :] < L)
         keep = keep.view(-1, block, nb, block)
         inside = inside.view(1, block, nb, block)
         any_rows.append((keep & inside).any(dim=3).any(dim=1))
@@ -120,17 +118,16 @@ def _block_tables(branch: Branch, seglen: int, causal: bool, device: torch.devic
 
 
 @lru_cache(maxsize=512)
-def _cached_block_mask(branch: Branch, seglen: int, causal: bool, device: torch.device, block: int) -> BlockMask:
+def _cached_block_mask(branch: Branch, seglen: int, rows: int, causal: bool, device: torch.device, block: int):
     mask_mod = branch_mask_mod(branch, seglen, causal, device)
-    L = gathered_len(branch, seglen)
-    return BlockMask.from_kv_blocks(
-        *_block_tables(branch, seglen, causal, device, block), BLOCK_SIZE=block, mask_mod=mask_mod, seq_lengths=(L, L)
-    )
+    tables = _block_tables(branch, seglen, rows, causal, device, block)
+    return BlockMask.from_kv_blocks(*tables, BLOCK_SIZE=block, mask_mod=mask_mod, seq_lengths=(rows, rows))
 
 
 def branch_block_mask(
     branch: Branch,
     seglen: int,
+    rows: int,
     causal: bool,
     device: torch.device,
     first_segment: int = 0,
@@ -138,15 +135,14 @@ def branch_block_mask(
     batch_start: int = 0,
     block: int = BLOCK_SIZE,
 ) -> BlockMask:
-    """The BlockMask of a branch over segments of length ``seglen`` (cached; independent of N).
+    """The BlockMask of a branch over segments of length ``seglen`` gathered into ``rows`` rows (cached;
+    independent of N).
 
-    ``first_segment``, ``num_segments`` and ``batch_start`` matter only when ``branch.nested`` is False; then the mask_mod needs
-    the absolute segment index and the mask is rebuilt around the cached block tables on every call.
+    ``first_segment``, ``num_segments`` and ``batch_start`` matter only when ``branch.nested`` is False: then the
+    mask_mod needs the absolute segment index and the mask is rebuilt around the cached block tables each call.
     """
     if branch.nested:
-        return _cached_block_mask(branch, seglen, causal, device, block)
+        return _cached_block_mask(branch, seglen, rows, causal, device, block)
     mask_mod = branch_mask_mod(branch, seglen, causal, device, first_segment, num_segments, batch_start)
-    L = gathered_len(branch, seglen)
-    return BlockMask.from_kv_blocks(
-        *_block_tables(branch, seglen, causal, device, block), BLOCK_SIZE=block, mask_mod=mask_mod, seq_lengths=(L, L)
-    )
+    tables = _block_tables(branch, seglen, rows, causal, device, block)
+    return BlockMask.from_kv_blocks(*tables, BLOCK_SIZE=block, mask_mod=mask_mod, seq_lengths=(rows, rows))

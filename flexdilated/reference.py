@@ -22,9 +22,14 @@ def dilated_mask(spec: DilatedSpec, num_heads: int, seq_len: int, device: torch.
         raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
     if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len <= 0:
         raise ValueError(f"seq_len must be a positive int, got {seq_len!r}")
-    p = torch.arange(seq_len, device=device)[:, None]
-    t = torch.arange(seq_len, device=device)[None, :]
-    m = torch.zeros(num_heads, seq_len, seq_len, dtype=torch.int64, device=device)
+    positions = torch.arange(seq_len, device=device)
+    return multiplicity(spec, num_heads, positions, positions)
+
+
+def multiplicity(spec: DilatedSpec, num_heads: int, p: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """``m[h, a, b]`` for query positions ``p[a]`` and key positions ``t[b]`` (1-D int tensors)."""
+    p, t = p[:, None], t[None, :]
+    m = torch.zeros(num_heads, p.shape[0], t.shape[1], dtype=torch.int64, device=p.device)
     for (w, r), offsets in zip(spec.patterns, head_offsets(spec, num_heads)):
         for h, o in enumerate(offsets):
             if o is not None:
@@ -48,12 +53,21 @@ def reference_dilated_attention(
     Same arguments and results as `flexdilated.dilated_attention`; computed in float64 for float64 inputs and
     float32 otherwise. Rows with no key give out 0 and LSE -inf, with NaN-free gradients.
     """
-    B, H, N, D = q.shape
+    rows = torch.arange(q.shape[2], device=q.device)
+    out, lse = reference_rows(q, k, v, spec, rows, scale)
+    return (out, lse) if return_lse else out
+
+
+def reference_rows(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: DilatedSpec, rows: torch.Tensor, scale: float | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference for the queries ``q`` (B, H, len(rows), D) at positions ``rows``, against all keys."""
+    H, D = q.shape[1], q.shape[3]
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     group = H // k.shape[1]
     work = torch.float64 if q.dtype == torch.float64 else torch.float32
     k, v = (x.repeat_interleave(group, dim=1).to(work) for x in (k, v))
-    m = dilated_mask(spec, H, N, q.device)
+    m = multiplicity(spec, H, rows, torch.arange(k.shape[2], device=q.device))
     if spec.overlap == "set":
         m = m.clamp(max=1)
     s = scale * (q.to(work) @ k.transpose(-1, -2)) + torch.log(m.to(work))  # log 0 = -inf: not attended
@@ -65,4 +79,4 @@ def reference_dilated_attention(
     total = torch.where(empty, 1.0, total)
     out = ((e / total) @ v).to(q.dtype)
     lse = torch.where(empty, float("-inf"), top + torch.log(total)).squeeze(-1).float()
-    return (out, lse) if return_lse else out
+    return out, lse

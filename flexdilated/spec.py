@@ -108,7 +108,8 @@ def branches(spec: DilatedSpec, num_heads: int) -> tuple[Branch, ...]:
     """The branches of ``spec`` for ``num_heads`` heads, smallest segment first.
 
     With ``overlap="set"`` a (query, key) pair reached by several patterns is given to the first branch in this
-    order; later branches exclude it (their ``earlier`` field).
+    order; later branches exclude it (their ``earlier`` field). ``earlier`` is padded to the same length in every
+    branch of a spec with a pattern that reaches nothing (offset -1), so that all branches share one kernel.
     """
     offsets = head_offsets(spec, num_heads)
     order = sorted(range(len(spec.patterns)), key=lambda i: (spec.segment_lengths[i], i))
@@ -125,4 +126,8 @@ def branches(spec: DilatedSpec, num_heads: int) -> tuple[Branch, ...]:
                     we, re_ = spec.patterns[e]
                     earlier.append((we, re_, tuple(offsets[e][h] for h in heads)))
         out.append(Branch(w, r, heads, tuple(offsets[i][h] for h in heads), tuple(earlier)))
-    return tuple(out)
+    slots = max(len(b.earlier) for b in out)
+    return tuple(
+        Branch(b.segment, b.rate, b.heads, b.offsets, b.earlier + ((1, 1, (-1,) * len(b.heads)),) * (slots - len(b.earlier)))
+        for b in out
+    )
