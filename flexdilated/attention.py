@@ -100,7 +100,8 @@ def dilated_attention(
 
     parts = []  # (unit start, unit stop, natural out rows, coverage) per branch unit, and natural LSE per branch
     lses = []
-    for branch in branches(spec, H):
+    # under an enclosing torch.compile the caches are traced through, so call the functions they wrap
+    for branch in (branches.__wrapped__ if torch.compiler.is_compiling() else branches)(spec, H):
         heads = torch.tensor(branch.heads, device=q.device)
         lse_nat = []
         for unit in units(branch, N, pad_tail=_pad_tails(q)):

@@ -120,7 +120,7 @@ def _block_tables(branch: Branch, seglen: int, rows: int, causal: bool, device: 
 @lru_cache(maxsize=512)
 def _cached_block_mask(branch: Branch, seglen: int, rows: int, causal: bool, device: torch.device, block: int):
     mask_mod = branch_mask_mod(branch, seglen, causal, device)
-    tables = _block_tables(branch, seglen, rows, causal, device, block)
+    tables = _block_tables.__wrapped__(branch, seglen, rows, causal, device, block)
     return BlockMask.from_kv_blocks(*tables, BLOCK_SIZE=block, mask_mod=mask_mod, seq_lengths=(rows, rows))
 
 
@@ -141,8 +141,10 @@ def branch_block_mask(
     ``first_segment``, ``num_segments`` and ``batch_start`` matter only when ``branch.nested`` is False: then the
     mask_mod needs the absolute segment index and the mask is rebuilt around the cached block tables each call.
     """
+    compiling = torch.compiler.is_compiling()  # an enclosing torch.compile traces through the caches
     if branch.nested:
-        return _cached_block_mask(branch, seglen, rows, causal, device, block)
+        build = _cached_block_mask.__wrapped__ if compiling else _cached_block_mask
+        return build(branch, seglen, rows, causal, device, block)
     mask_mod = branch_mask_mod(branch, seglen, causal, device, first_segment, num_segments, batch_start)
-    tables = _block_tables(branch, seglen, rows, causal, device, block)
+    tables = (_block_tables.__wrapped__ if compiling else _block_tables)(branch, seglen, rows, causal, device, block)
     return BlockMask.from_kv_blocks(*tables, BLOCK_SIZE=block, mask_mod=mask_mod, seq_lengths=(rows, rows))

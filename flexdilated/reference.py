@@ -70,7 +70,8 @@ def reference_rows(
     m = multiplicity(spec, H, rows, torch.arange(k.shape[2], device=q.device))
     if spec.overlap == "set":
         m = m.clamp(max=1)
-    s = scale * (q.to(work) @ k.transpose(-1, -2)) + torch.log(m.to(work))  # log 0 = -inf: not attended
+    s = scale * (q.to(work) @ k.transpose(-1, -2))
+    s = torch.where(m > 0, s + torch.log(m.to(work)), float("-inf"))  # weight m: e^{s + log m}; unreached: 0
     top = s.detach().amax(-1, keepdim=True)
     top = torch.where(top == float("-inf"), 0.0, top)
     e = torch.exp(s - top)
