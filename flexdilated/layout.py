@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from einops import rearrange
 
 from .masks import counts
 from .spec import Branch
@@ -54,8 +55,7 @@ def gather(x: torch.Tensor, branch: Branch, unit: Unit, heads: torch.Tensor) -> 
     """(B, Hx, N, D) -> (B * num_segments, H_b, L, D); ``heads[k]`` is the head of ``x`` feeding head k."""
     B, _, _, D = x.shape
     start = unit.first_segment * branch.segment
-    seg = x.narrow(2, start, unit.num_segments * unit.seglen).unflatten(2, (unit.num_segments, unit.seglen))
-    seg = seg.transpose(1, 2)  # (B, S, Hx, n, D)
+    seg = rearrange(x.narrow(2, start, unit.num_segments * unit.seglen), "b h (s n) d -> b s h n d", s=unit.num_segments)
     rows = _rows(branch, unit, x.device)
     out = seg[:, :, heads[:, None], rows]  # (B, S, H_b, L, D)
     return out.reshape(B * unit.num_segments, len(branch.heads), -1, D)
@@ -79,8 +79,6 @@ def scatter(y: torch.Tensor, branch: Branch, unit: Unit, num_heads: int, batch: 
     Returns the natural-order tensor and the coverage mask (H, S * n) broadcastable against it.
     """
     covered, flat = scatter_index(branch, unit, num_heads, y.device)
-    extra = y.shape[3:]
-    S, n = unit.num_segments, unit.seglen
-    rows = y.reshape(batch, S, -1, *extra).index_select(2, flat.flatten())  # (B, S, H * n, *E)
-    rows = rows.view(batch, S, num_heads, n, *extra).transpose(1, 2).reshape(batch, num_heads, S * n, *extra)
-    return rows, covered.repeat(1, S)
+    S = unit.num_segments
+    rows = rearrange(y, "(b s) k j ... -> b s (k j) ...", s=S).index_select(2, flat.flatten())
+    return rearrange(rows, "b s (h n) ... -> b h (s n) ...", h=num_heads), covered.repeat(1, S)

@@ -159,8 +159,8 @@ def test_inside_user_compile_fullgraph_cpu():
     assert stats["unique_graphs"] == 1, dict(stats)
 
 
-def test_memory_is_linear_in_sequence_length():
-    """The CPU route never builds an (N, N) tensor: a 32k-token sequence runs in well under N^2 floats (4 GiB)."""
+def test_long_sequence_last_segment_matches_reference():
+    """32k tokens through the CPU route (an (N, N) float32 tensor would be 4 GiB); the last rows are exact."""
     spec = DilatedSpec((256, 512), (1, 2))
     q, k, v = (torch.randn(1, 2, 32768, 8) for _ in range(3))
     out = dilated_attention(q, k, v, spec)
