@@ -12,9 +12,9 @@ import math
 import torch
 
 from .kernels import flex_route, math_route
-from .layout import Unit, gather, scatter, units
+from .layout import Unit, gather, head_index, positions, scatter_add_, units
 from .masks import branch_block_mask, branch_mask_mod
-from .merge import merge_lse, merge_weight
+from .merge import merge_lse
 from .spec import Branch, DilatedSpec, branches
 
 FLEX_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -95,30 +95,57 @@ def dilated_attention(
     """
     scale = check_inputs(q, k, v, spec, scale)
     B, H, N, D = q.shape
+    slab = slab_length(spec, B * H * D, N)
+    if slab >= N:
+        out, lse = _attention(q, k, v, spec, scale)
+    else:  # independent slabs of whole chunks: the extra memory is that of one slab
+        out = q.new_empty(B, H, N, D)
+        lse = torch.empty(B, H, N, dtype=torch.float32, device=q.device)
+        for a in range(0, N, slab):
+            out[:, :, a : a + slab], lse[:, :, a : a + slab] = _attention(
+                *(x[:, :, a : a + slab] for x in (q, k, v)), spec, scale
+            )
+    return (out, lse) if return_lse else out
+
+
+SLAB_ELEMENTS = 2**26  # elements of q in one slab: 128 MiB in bf16
+
+
+def slab_length(spec: DilatedSpec, token_elements: int, seq_len: int) -> int:
+    """Tokens per slab: whole chunks of the largest segment, about SLAB_ELEMENTS elements of q (at least one
+    chunk). Chunks are independent only if every segment length divides the largest: otherwise one slab."""
+    chunk = max(spec.segment_lengths)
+    if any(chunk % w for w in spec.segment_lengths):
+        return seq_len
+    return chunk * max(1, SLAB_ELEMENTS // (token_elements * chunk))
+
+
+def _attention(q, k, v, spec: DilatedSpec, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One slab: attend every branch in its gathered layout, then merge the branches by LSE in natural order."""
+    B, H, N, D = q.shape
     group = H // k.shape[1]
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-
-    parts = []  # (unit start, unit stop, natural out rows, coverage) per branch unit, and natural LSE per branch
-    lses = []
+    results = []  # (branch, unit, head index, out, lse) in the gathered layout
+    lses = []  # each branch's LSE in natural order, -inf where it reaches nothing
     # under an enclosing torch.compile the caches are traced through, so call the functions they wrap
     for branch in (branches.__wrapped__ if torch.compiler.is_compiling() else branches)(spec, H):
-        heads = torch.tensor(branch.heads, device=q.device)
-        lse_nat = []
+        heads, kv_heads = head_index(branch, 1, q.device), head_index(branch, group, q.device)
+        total = torch.zeros(B, H, N, dtype=acc, device=q.device)
+        covered = torch.zeros(B, H, N, dtype=acc, device=q.device)
         for unit in units(branch, N, pad_tail=_pad_tails(q)):
             qg = gather(q, branch, unit, heads)
-            kg, vg = (gather(x, branch, unit, heads // group) for x in (k, v))
+            kg, vg = (gather(x, branch, unit, kv_heads) for x in (k, v))
             out_g, lse_g = _attend(qg, kg, vg, branch, unit, spec.causal, scale)
-            lse_u, covered = scatter(lse_g[..., None], branch, unit, H, B)
-            lse_nat.append(torch.where(covered, lse_u[..., 0].to(acc), float("-inf")))
-            start = unit.first_segment * branch.segment
-            parts.append((len(lses), start, start + unit.num_segments * unit.seglen, out_g, branch, unit))
-        lses.append(torch.cat(lse_nat, dim=2))
+            real = positions(branch, unit, q.device)[1].expand_as(lse_g)
+            scatter_add_(total, torch.where(real, lse_g.to(acc), 0.0), branch, unit, heads)
+            scatter_add_(covered, real.to(acc), branch, unit, heads)
+            results.append((branch, unit, heads, out_g, lse_g))
+        lses.append(torch.where(covered > 0, total, float("-inf")))
 
     lse = merge_lse(lses)
+    lse_safe = torch.where(lse == float("-inf"), 0.0, lse)
     out = torch.zeros(B, H, N, D, dtype=acc, device=q.device)
-    for i, start, stop, out_g, branch, unit in parts:
-        rows, covered = scatter(out_g, branch, unit, H, B)
-        weight = merge_weight(lses[i][:, :, start:stop], lse[:, :, start:stop])
-        out[:, :, start:stop] += torch.where(covered[..., None], weight[..., None] * rows.to(acc), 0.0)
-    out = out.to(q.dtype)
-    return (out, lse.float()) if return_lse else out
+    for branch, unit, heads, out_g, lse_g in results:
+        weight = torch.exp(lse_g.to(acc) - gather(lse_safe[..., None], branch, unit, heads)[..., 0])  # 0 on padding
+        scatter_add_(out, out_g.to(acc) * weight[..., None], branch, unit, heads)
+    return out.to(q.dtype), lse.float()

@@ -4,14 +4,16 @@ A branch with segment ``w`` splits ``0..N-1`` into ``S = N // w`` whole segments
 tail segment (a segment longer than N is all tail). Within a segment of length ``n``, head ``k`` of the branch
 (offset ``o_k``) sees the tokens ``u = o_k + j * r`` for ``j < ceil((n - o_k) / r)``; the gathered layout puts
 them in rows ``j = 0, 1, ...`` of batch entry ``b * S + s``. Rows past a head's count repeat a real token and are
-masked out (`masks.py`): padding never enters a softmax. Index tensors depend only on (branch, n), not on N.
+masked out (`masks.py`): padding never enters a softmax, and it adds exact zeros when scattered back.
 A tail may be gathered into as many rows as a whole segment (``pad_tail``): then every unit of a branch has the
-same shape but its batch size, and one compiled kernel serves every N.
+same shape but its batch size, and one compiled kernel serves every N. Index tensors are (H_b, L): they depend
+on the branch and the segment length, never on N.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 from einops import rearrange
@@ -41,44 +43,49 @@ def units(branch: Branch, seq_len: int, pad_tail: bool) -> list[Unit]:
     return out
 
 
-def _rows(branch: Branch, unit: Unit, device: torch.device) -> torch.Tensor:
-    """(H_b, rows): the segment position gathered into row j of head k (clamped inside the segment)."""
-    seglen = unit.seglen
-    j = torch.arange(unit.rows, device=device)
-    c = torch.tensor(counts(branch, seglen), device=device)
-    o = torch.tensor(branch.offsets, device=device)
-    u = o[:, None] + torch.minimum(j[None, :], (c[:, None] - 1).clamp(min=0)) * branch.rate
-    return u.clamp(max=seglen - 1)
+@lru_cache(maxsize=1024)
+def _positions(branch: Branch, seglen: int, rows: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    j = torch.arange(rows)[None, :]
+    count = torch.tensor(counts(branch, seglen))[:, None]
+    u = torch.tensor(branch.offsets)[:, None] + torch.minimum(j, (count - 1).clamp(min=0)) * branch.rate
+    return u.clamp(max=seglen - 1).to(device), (j < count).to(device)
+
+
+def positions(branch: Branch, unit: Unit, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(H_b, rows) each: the position within its segment of gathered row j of head k (clamped into the segment),
+    and whether that row holds a real token (``j < count_k``) rather than padding."""
+    build = _positions.__wrapped__ if torch.compiler.is_compiling() else _positions
+    return build(branch, unit.seglen, unit.rows, device)
+
+
+@lru_cache(maxsize=1024)
+def _head_index(heads: tuple[int, ...], group: int, device: torch.device) -> torch.Tensor:
+    return torch.tensor([h // group for h in heads], device=device)
+
+
+def head_index(branch: Branch, group: int, device: torch.device) -> torch.Tensor:
+    """The heads of a tensor with ``H / group`` heads that feed the branch's heads (GQA: ``h // group``)."""
+    build = _head_index.__wrapped__ if torch.compiler.is_compiling() else _head_index
+    return build(branch.heads, group, device)
+
+
+def segments(x: torch.Tensor, branch: Branch, unit: Unit) -> torch.Tensor:
+    """The unit's tokens of ``x`` (B, H, N, *E) as a view (B, S, H, n, *E)."""
+    start = unit.first_segment * branch.segment
+    tokens = x.narrow(2, start, unit.num_segments * unit.seglen)
+    return rearrange(tokens, "b h (s n) ... -> b s h n ...", s=unit.num_segments)
 
 
 def gather(x: torch.Tensor, branch: Branch, unit: Unit, heads: torch.Tensor) -> torch.Tensor:
-    """(B, Hx, N, D) -> (B * num_segments, H_b, L, D); ``heads[k]`` is the head of ``x`` feeding head k."""
-    B, _, _, D = x.shape
-    start = unit.first_segment * branch.segment
-    seg = rearrange(x.narrow(2, start, unit.num_segments * unit.seglen), "b h (s n) d -> b s h n d", s=unit.num_segments)
-    rows = _rows(branch, unit, x.device)
-    out = seg[:, :, heads[:, None], rows]  # (B, S, H_b, L, D)
-    return out.reshape(B * unit.num_segments, len(branch.heads), -1, D)
+    """(B, Hx, N, *E) -> (B * S, H_b, rows, *E); ``heads[k]`` is the head of ``x`` feeding head k."""
+    rows = segments(x, branch, unit)[:, :, heads[:, None], positions(branch, unit, x.device)[0]]
+    return rows.flatten(0, 1)
 
 
-def scatter_index(branch: Branch, unit: Unit, num_heads: int, device: torch.device):
-    """For every (head h, segment position u): whether the branch covers it, and its flat row ``k * rows + j``."""
-    L, seglen = unit.rows, unit.seglen
-    covered = torch.zeros(num_heads, seglen, dtype=torch.bool, device=device)
-    flat = torch.zeros(num_heads, seglen, dtype=torch.int64, device=device)
-    u = torch.arange(seglen, device=device)
-    for k, (h, o) in enumerate(zip(branch.heads, branch.offsets)):
-        covered[h] = u % branch.rate == o
-        flat[h] = k * L + torch.where(covered[h], u // branch.rate, 0)
-    return covered, flat
-
-
-def scatter(y: torch.Tensor, branch: Branch, unit: Unit, num_heads: int, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gathered rows (B * S, H_b, L, *E) back to natural order (B, H, S * n, *E), zero where not covered.
-
-    Returns the natural-order tensor and the coverage mask (H, S * n) broadcastable against it.
-    """
-    covered, flat = scatter_index(branch, unit, num_heads, y.device)
-    S = unit.num_segments
-    rows = rearrange(y, "(b s) k j ... -> b s (k j) ...", s=S).index_select(2, flat.flatten())
-    return rearrange(rows, "b s (h n) ... -> b h (s n) ...", h=num_heads), covered.repeat(1, S)
+def scatter_add_(target: torch.Tensor, values: torch.Tensor, branch: Branch, unit: Unit, heads: torch.Tensor) -> None:
+    """``target`` (B, H, N, *E) += ``values`` (B * S, H_b, rows, *E) at the gathered positions, in place.
+    Padding rows land on real positions too: their values must be zero."""
+    view = segments(target, branch, unit)
+    values = values.unflatten(0, (view.shape[0], view.shape[1]))
+    index = [None, None, heads[:, None], positions(branch, unit, target.device)[0]]
+    torch.ops.aten.index_put_(view, index, values, True)

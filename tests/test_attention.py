@@ -83,6 +83,19 @@ def test_padded_tails_match_reference(problem):
         check_against_reference(*problem)
 
 
+@given(problems(max_len=60))
+def test_slabs_match_reference(problem):
+    """Long sequences run in independent slabs of whole chunks; tiny slabs here, so most cases have several."""
+    with mock.patch.object(attention, "SLAB_ELEMENTS", 1):
+        check_against_reference(*problem)
+
+
+def test_slab_length():
+    assert attention.slab_length(DilatedSpec((4, 8), (1, 2)), 2**20, 100) == 64  # 2**26 elements of q
+    assert attention.slab_length(DilatedSpec((4, 8), (1, 2)), 2**27, 100) == 8  # at least one chunk
+    assert attention.slab_length(DilatedSpec((4, 6), (1, 2)), 1, 100) == 100  # 4 does not divide 6: one slab
+
+
 @pytest.mark.parametrize(
     "spec, N",
     [
