@@ -12,7 +12,7 @@ import math
 import torch
 
 from .kernels import flex_route, math_route
-from .layout import Unit, gather, head_index, positions, scatter_add_, units
+from .layout import Unit, gather, head_index, natural_index, units
 from .masks import branch_block_mask, branch_mask_mod
 from .merge import merge_lse
 from .spec import Branch, DilatedSpec, branches
@@ -121,31 +121,33 @@ def slab_length(spec: DilatedSpec, token_elements: int, seq_len: int) -> int:
 
 
 def _attention(q, k, v, spec: DilatedSpec, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """One slab: attend every branch in its gathered layout, then merge the branches by LSE in natural order."""
+    """One slab: attend every branch in its gathered layout, then merge the branches by LSE in natural order.
+
+    Natural-order buffers have one extra position, N, where padding rows are scattered (`layout.natural_index`).
+    """
     B, H, N, D = q.shape
     group = H // k.shape[1]
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-    results = []  # (branch, unit, head index, out, lse) in the gathered layout
+    results = []  # (heads, natural index, out, lse) per unit, in the gathered layout
     lses = []  # each branch's LSE in natural order, -inf where it reaches nothing
     # under an enclosing torch.compile the caches are traced through, so call the functions they wrap
     for branch in (branches.__wrapped__ if torch.compiler.is_compiling() else branches)(spec, H):
         heads, kv_heads = head_index(branch, 1, q.device), head_index(branch, group, q.device)
-        total = torch.zeros(B, H, N, dtype=acc, device=q.device)
-        covered = torch.zeros(B, H, N, dtype=acc, device=q.device)
+        lse_branch = torch.full((B, H, N + 1), float("-inf"), dtype=acc, device=q.device)
         for unit in units(branch, N, pad_tail=_pad_tails(q)):
             qg = gather(q, branch, unit, heads)
             kg, vg = (gather(x, branch, unit, kv_heads) for x in (k, v))
             out_g, lse_g = _attend(qg, kg, vg, branch, unit, spec.causal, scale)
-            real = positions(branch, unit, q.device)[1].expand_as(lse_g)
-            scatter_add_(total, torch.where(real, lse_g.to(acc), 0.0), branch, unit, heads)
-            scatter_add_(covered, real.to(acc), branch, unit, heads)
-            results.append((branch, unit, heads, out_g, lse_g))
-        lses.append(torch.where(covered > 0, total, float("-inf")))
+            index = heads[:, None], natural_index(branch, unit, N, q.device)
+            lse_branch[:, index[0], index[1]] = lse_g.to(acc).unflatten(0, (B, unit.num_segments))
+            results.append((index, out_g, lse_g))
+        lses.append(lse_branch)
 
     lse = merge_lse(lses)
     lse_safe = torch.where(lse == float("-inf"), 0.0, lse)
-    out = torch.zeros(B, H, N, D, dtype=acc, device=q.device)
-    for branch, unit, heads, out_g, lse_g in results:
-        weight = torch.exp(lse_g.to(acc) - gather(lse_safe[..., None], branch, unit, heads)[..., 0])  # 0 on padding
-        scatter_add_(out, out_g.to(acc) * weight[..., None], branch, unit, heads)
-    return out.to(q.dtype), lse.float()
+    out = torch.zeros(B, H, N + 1, D, dtype=acc, device=q.device)
+    for (heads, where), out_g, lse_g in results:
+        lse_g = lse_g.to(acc).unflatten(0, (B, -1))
+        weight = torch.exp(lse_g - lse_safe[:, heads, where])  # 0 on padding rows (their LSE is -inf)
+        out[:, heads, where] += out_g.to(acc).unflatten(0, (B, -1)) * weight[..., None]
+    return out[:, :, :N].to(q.dtype).contiguous(), lse[:, :, :N].float()

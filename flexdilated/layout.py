@@ -4,10 +4,10 @@ A branch with segment ``w`` splits ``0..N-1`` into ``S = N // w`` whole segments
 tail segment (a segment longer than N is all tail). Within a segment of length ``n``, head ``k`` of the branch
 (offset ``o_k``) sees the tokens ``u = o_k + j * r`` for ``j < ceil((n - o_k) / r)``; the gathered layout puts
 them in rows ``j = 0, 1, ...`` of batch entry ``b * S + s``. Rows past a head's count repeat a real token and are
-masked out (`masks.py`): padding never enters a softmax, and it adds exact zeros when scattered back.
+masked out (`masks.py`): padding never enters a softmax, and it is scattered back to a scratch slot.
 A tail may be gathered into as many rows as a whole segment (``pad_tail``): then every unit of a branch has the
-same shape but its batch size, and one compiled kernel serves every N. Index tensors are (H_b, L): they depend
-on the branch and the segment length, never on N.
+same shape but its batch size, and one compiled kernel serves every N. Gathers use (H_b, L) index tensors that
+depend on the branch and the segment length only; the scatter back uses an (S, H_b, L) index.
 """
 
 from __future__ import annotations
@@ -82,10 +82,12 @@ def gather(x: torch.Tensor, branch: Branch, unit: Unit, heads: torch.Tensor) -> 
     return rows.flatten(0, 1)
 
 
-def scatter_add_(target: torch.Tensor, values: torch.Tensor, branch: Branch, unit: Unit, heads: torch.Tensor) -> None:
-    """``target`` (B, H, N, *E) += ``values`` (B * S, H_b, rows, *E) at the gathered positions, in place.
-    Padding rows land on real positions too: their values must be zero."""
-    view = segments(target, branch, unit)
-    values = values.unflatten(0, (view.shape[0], view.shape[1]))
-    index = [None, None, heads[:, None], positions(branch, unit, target.device)[0]]
-    torch.ops.aten.index_put_(view, index, values, True)
+def natural_index(branch: Branch, unit: Unit, scratch: int, device: torch.device) -> torch.Tensor:
+    """(S, H_b, rows): the natural position of every gathered row, and ``scratch`` for padding rows.
+
+    With a buffer one position longer than the sequence (``scratch = N``), scattering through this index is
+    conflict-free: each position receives at most one row of the branch, and padding lands on the scratch slot.
+    """
+    pos, real = positions(branch, unit, device)
+    start = (unit.first_segment + torch.arange(unit.num_segments, device=device)) * branch.segment
+    return torch.where(real, start[:, None, None] + pos, scratch)
