@@ -68,13 +68,13 @@ def _pad_tails(q: torch.Tensor) -> bool:
 
 
 def _attend(q, k, v, branch: Branch, unit: Unit, causal: bool, scale: float):
-    where = dict(first_segment=unit.first_segment, num_segments=unit.num_segments)
+    segments = dict(first_segment=unit.first_segment, num_segments=unit.num_segments)
     if _use_flex(q):
         masks = lambda start: branch_block_mask(
-            branch, unit.seglen, unit.rows, causal, q.device, batch_start=start, **where
+            branch, unit.seglen, unit.rows, causal, q.device, batch_start=start, **segments
         )
         return flex_route(q, k, v, masks, scale)
-    return math_route(q, k, v, branch_mask_mod(branch, unit.seglen, causal, q.device, **where), scale)
+    return math_route(q, k, v, branch_mask_mod(branch, unit.seglen, causal, q.device, **segments), scale)
 
 
 def dilated_attention(
@@ -146,8 +146,8 @@ def _attention(q, k, v, spec: DilatedSpec, scale: float) -> tuple[torch.Tensor, 
     lse = merge_lse(lses)
     lse_safe = torch.where(lse == float("-inf"), 0.0, lse)
     out = torch.zeros(B, H, N + 1, D, dtype=acc, device=q.device)
-    for (heads, where), out_g, lse_g in results:
+    for (heads, tokens), out_g, lse_g in results:
         lse_g = lse_g.to(acc).unflatten(0, (B, -1))
-        weight = torch.exp(lse_g - lse_safe[:, heads, where])  # 0 on padding rows (their LSE is -inf)
-        out[:, heads, where] += out_g.to(acc).unflatten(0, (B, -1)) * weight[..., None]
+        weight = torch.exp(lse_g - lse_safe[:, heads, tokens])  # 0 on padding rows (their LSE is -inf)
+        out[:, heads, tokens] += out_g.to(acc).unflatten(0, (B, -1)) * weight[..., None]
     return out[:, :, :N].to(q.dtype).contiguous(), lse[:, :, :N].float()
