@@ -36,7 +36,7 @@ class Unit:
 def units(branch: Branch, seq_len: int, pad_tail: bool) -> list[Unit]:
     """The whole segments of the branch as one unit and the tail segment, if any, as another."""
     w, r = branch.segment, branch.rate
-    whole, tail = divmod(seq_len, w)
+    whole, tail = seq_len // w, seq_len % w
     out = [Unit(0, whole, w, -(-w // r))] if whole else []
     if tail:
         out.append(Unit(whole, 1, tail, -(-(w if pad_tail else tail) // r)))

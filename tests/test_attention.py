@@ -182,3 +182,12 @@ def test_long_sequence_last_segment_matches_reference():
 
     ref, _ = reference_rows(q[:, :, rows], k, v, spec, rows)
     torch.testing.assert_close(out[:, :, rows], ref, rtol=2e-5, atol=2e-5)
+
+
+def test_inside_user_compile_with_dynamic_lengths():
+    """A user's torch.compile(dynamic=True) traces N symbolically: the layout arithmetic must accept it."""
+    spec = DilatedSpec((16, 32), (1, 3), causal=True)
+    f = torch.compile(lambda q, k, v: dilated_attention(q, k, v, spec), fullgraph=True, backend="aot_eager", dynamic=True)
+    for N in (64, 100):
+        xs = make_inputs(1, 3, 3, N, 8, N, torch.float32)
+        torch.testing.assert_close(f(*xs), reference_dilated_attention(*xs, spec), rtol=2e-5, atol=2e-5)
