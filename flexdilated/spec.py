@@ -107,12 +107,19 @@ class Branch:
 def branches(spec: DilatedSpec, num_heads: int) -> tuple[Branch, ...]:
     """The branches of ``spec`` for ``num_heads`` heads, smallest segment first.
 
+    (Under ``torch.compile(dynamic=True)`` the spec's ints may arrive symbolic.)
+
     With ``overlap="set"`` a (query, key) pair reached by several patterns is given to the first branch in this
     order; later branches exclude it (their ``earlier`` field). ``earlier`` is padded to the same length in every
     branch of a spec with a pattern that reaches nothing (offset -1), so that all branches share one kernel.
     """
     offsets = head_offsets(spec, num_heads)
-    order = sorted(range(len(spec.patterns)), key=lambda i: (spec.segment_lengths[i], i))
+    order: list[int] = []  # stable insertion sort by segment: Dynamo cannot sort() by symbolic keys, but compares
+    for i, w in enumerate(spec.segment_lengths):
+        at = len(order)
+        while at and spec.segment_lengths[order[at - 1]] > w:
+            at -= 1
+        order.insert(at, i)
     out: list[Branch] = []
     for n, i in enumerate(order):
         w, r = spec.patterns[i]
