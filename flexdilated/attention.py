@@ -59,7 +59,8 @@ def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: Dilate
 
 
 def _use_flex(q: torch.Tensor) -> bool:
-    return q.is_cuda and q.dtype in FLEX_DTYPES
+    """The compiled flex route: CUDA, half or single precision, head dim >= 16 (flex's smallest)."""
+    return q.is_cuda and q.dtype in FLEX_DTYPES and q.shape[-1] >= 16
 
 
 def _pad_tails(q: torch.Tensor) -> bool:

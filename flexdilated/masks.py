@@ -89,14 +89,13 @@ def _first_true(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def _block_tables(branch: Branch, seglen: int, rows: int, causal: bool, device: torch.device, block: int):
     """Partial and full block tables of the branch on a segment of length ``seglen`` gathered into ``rows`` rows.
 
-    The mask is evaluated one row of query blocks at a time: O(H * block * L) memory, never (H, L, L).
+    The mask is evaluated one row of query blocks at a time: O(H * block * rows) memory, never (H, rows, rows).
     If the set-exclusion varies by segment (``not branch.nested``) it is left to the mask_mod, element-wise:
     every block it might touch is marked partial.
     """
     exact = branch.nested
     mask_mod = branch_mask_mod(branch, seglen, causal, device, exclusions=exact)
-    L = rows
-    nb = -(-L // block)
+    nb = -(-rows // block)
     heads = torch.arange(len(branch.heads), device=device)[:, None, None]
     cols = torch.arange(nb * block, device=device)
     b0 = torch.zeros((), dtype=torch.int64, device=device)
@@ -104,7 +103,7 @@ def _block_tables(branch: Branch, seglen: int, rows: int, causal: bool, device: 
     for qb in range(nb):
         i = torch.arange(qb * block, (qb + 1) * block, device=device)
         keep = mask_mod(b0, heads, i[None, :, None], cols[None, None, :])
-        inside = (i[:, None] < L) & (cols[None, :] < L)
+        inside = (i[:, None] < rows) & (cols[None, :] < rows)
         keep = keep.view(-1, block, nb, block)
         inside = inside.view(1, block, nb, block)
         any_rows.append((keep & inside).any(dim=3).any(dim=1))
