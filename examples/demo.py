@@ -8,13 +8,15 @@
 
 import argparse
 import time
+import warnings
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
+warnings.filterwarnings("ignore", message="Failed to initialize NumPy")  # torch without numpy: harmless here
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
-from flexdilated import DilatedSpec, dilated_attention, dilated_mask, save_mask_png
-from flexdilated.reference import reference_rows
+from flexdilated import DilatedSpec, dilated_attention, dilated_mask, save_mask_png  # noqa: E402
+from flexdilated.reference import reference_rows  # noqa: E402
 
 
 def timed(fn, device):
