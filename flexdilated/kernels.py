@@ -20,7 +20,14 @@ from torch.nn.attention.flex_attention import AuxRequest, BlockMask, flex_attent
 
 from .masks import MaskMod
 
-_flex = torch.compile(flex_attention, fullgraph=True)
+
+
+@torch.compile(fullgraph=True)
+def _flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: BlockMask, scale: float):
+    """Our own compiled entry: its compile cache and recompile budget are not shared with other users of
+    flex_attention in the process (Dynamo keeps them per code object)."""
+    out, aux = flex_attention(q, k, v, block_mask=block_mask, scale=scale, return_aux=AuxRequest(lse=True))
+    return out, aux.lse
 
 MAX_ELEMENTS = 2**31 - 1  # flex indexes each of q, k, v, out with int32 offsets
 SLAB_SCORES = 2**24  # score elements per slab in the math route (64 MiB in float32)
@@ -38,9 +45,9 @@ def flex_route(
         if not torch.compiler.is_compiling():
             for x in (qs, ks, vs):
                 torch._dynamo.maybe_mark_dynamic(x, 0)  # one kernel for every N
-        out, aux = _flex(qs, ks, vs, block_mask=block_mask_at(start), scale=scale, return_aux=AuxRequest(lse=True))
+        out, lse = _flex(qs, ks, vs, block_mask_at(start), scale)
         outs.append(out)
-        lses.append(aux.lse)
+        lses.append(lse)
     if len(outs) == 1:
         return outs[0], lses[0]
     return torch.cat(outs), torch.cat(lses)
