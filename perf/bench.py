@@ -172,6 +172,9 @@ def main():
     check_naive_pipeline()
     records = []
     for w in workloads(args.quick):
+        # Each workload compiles its own kernels: one process running many (heads per pattern, length, grad)
+        # combinations passes Dynamo's limit of 8 compiled versions per function (README: Limits).
+        torch._dynamo.reset()
         for N in w.lengths:
             for impl in ("flexdilated", "dense_core", "naive_pipeline", "dense_sdpa"):
                 if impl != "flexdilated" and w.spec.overlap == "set":
