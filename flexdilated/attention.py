@@ -71,9 +71,10 @@ def _pad_tails(q: torch.Tensor) -> bool:
 def _attend(q, k, v, branch: Branch, unit: Unit, causal: bool, scale: float):
     segments = dict(first_segment=unit.first_segment, num_segments=unit.num_segments)
     if _use_flex(q):
-        masks = lambda start: branch_block_mask(
-            branch, unit.seglen, unit.rows, causal, q.device, batch_start=start, **segments
-        )
+
+        def masks(start: int):
+            return branch_block_mask(branch, unit.seglen, unit.rows, causal, q.device, batch_start=start, **segments)
+
         return flex_route(q, k, v, masks, scale)
     return math_route(q, k, v, branch_mask_mod(branch, unit.seglen, causal, q.device, **segments), scale)
 

@@ -6,7 +6,8 @@ Two routes with the same semantics:
 - ``flex``: ``torch.compile``d ``flex_attention`` with the branch's BlockMask. CUDA, fp16/bf16/fp32; autograd is
   flex's own (gradients flow through the LSE too).
 - ``math``: dense masked attention over slabs of the folded batch with a recomputing backward (memory O(N), the
-  score tile of one slab at a time). Used on CPU, for float64, and under an enclosing ``torch.compile`` on CPU.
+  score tile of one slab at a time). Used on CPU, for float64, for head dims below 16, and under an enclosing
+  ``torch.compile`` on CPU.
   In eager CPU calls its forward runs through eager ``flex_attention`` (which has no CPU backward).
 """
 
@@ -20,6 +21,8 @@ from torch.nn.attention.flex_attention import AuxRequest, BlockMask, flex_attent
 
 from .masks import MaskMod
 
+MAX_ELEMENTS = 2**31 - 1  # flex indexes each of q, k, v, out with int32 offsets
+SLAB_SCORES = 2**24  # score elements per slab in the math route (64 MiB in float32)
 
 
 @torch.compile(fullgraph=True)
@@ -28,9 +31,6 @@ def _flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: BlockMa
     flex_attention in the process (Dynamo keeps them per code object)."""
     out, aux = flex_attention(q, k, v, block_mask=block_mask, scale=scale, return_aux=AuxRequest(lse=True))
     return out, aux.lse
-
-MAX_ELEMENTS = 2**31 - 1  # flex indexes each of q, k, v, out with int32 offsets
-SLAB_SCORES = 2**24  # score elements per slab in the math route (64 MiB in float32)
 
 
 def flex_route(
@@ -115,8 +115,8 @@ class _MathAttention(torch.autograd.Function):
             z = min(a + ctx.step, Bf)
             qs, ks, vs, do = (_working(x[a:z]) for x in (q, k, v, dout))
             s = _scores(qs, ks, _keep(ctx.mask_mod, a, z, H, L, q.device), ctx.scale)
-            l = lse[a:z].to(s.dtype)
-            p = torch.exp(s - torch.where(l == float("-inf"), 0.0, l)[..., None])
+            row_lse = lse[a:z].to(s.dtype)
+            p = torch.exp(s - torch.where(row_lse == float("-inf"), 0.0, row_lse)[..., None])
             dv[a:z] = p.transpose(-1, -2) @ do
             delta = (do * _working(out[a:z])).sum(-1, keepdim=True)
             ds = p * (do @ vs.transpose(-1, -2) - delta + dlse[a:z].to(s.dtype)[..., None])

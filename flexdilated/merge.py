@@ -35,5 +35,5 @@ def merge_weight(lse_i: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
 def merge(outs: Sequence[torch.Tensor], lses: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Merge partial attentions ``outs[i]`` (..., D) with ``lses[i]`` (...) into one ``(out, lse)``."""
     lse = merge_lse(lses)
-    out = sum(merge_weight(l, lse)[..., None] * o.to(lse.dtype) for o, l in zip(outs, lses))
+    out = sum(merge_weight(part, lse)[..., None] * o.to(lse.dtype) for o, part in zip(outs, lses))
     return out, lse
