@@ -4,15 +4,11 @@ from unittest import mock
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 import flexdilated.attention as attention
 from flexdilated import DilatedSpec, dilated_attention, reference_dilated_attention
-
-settings.register_profile("ci", deadline=None, max_examples=40, suppress_health_check=[HealthCheck.too_slow])
-settings.load_profile("ci")
-
 
 @st.composite
 def problems(draw, max_len=40):
