@@ -1,36 +1,21 @@
 """Time and peak memory of `dilated_attention` on W1 (B=1, H=8, D=64, bf16, w=(2048, 4096, 8192), r=(1, 2, 4))
 for a few N and slab sizes, beside the dense core (compiled flex, no mask, on tensors shaped like the gathered
-sub-sequences: the same useful work). CUDA events, 3 warm-ups, median of 10; fresh random inputs.
+sub-sequences: the same useful work). CUDA events, 2 warm-ups, median of 10; fresh random inputs.
 
-    PYTHONPATH=$PWD python3 perf/probe_core.py [--out DIR]
+    cd perf && PYTHONPATH=$PWD/.. python3 probe_core.py [--out DIR]
 """
 
 import argparse
 import json
-import statistics
 
 import torch
-from torch.nn.attention.flex_attention import flex_attention
 
 import flexdilated.attention as attention
 from flexdilated import DilatedSpec, dilated_attention
 
+from bench import flex, timed  # noqa: F401 (probe_compiled imports them from here)
+
 SPEC = DilatedSpec((2048, 4096, 8192), (1, 2, 4))
-flex = torch.compile(flex_attention)
-
-
-def timed(fn, reps=10, warm=3):
-    for _ in range(warm):
-        fn()
-    times = []
-    for _ in range(reps):
-        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        stop.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(stop))
-    return statistics.median(times)
 
 
 def peak_extra(fn):
