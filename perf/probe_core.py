@@ -2,7 +2,7 @@
 for a few N and slab sizes, beside the dense core (compiled flex, no mask, on tensors shaped like the gathered
 sub-sequences: the same useful work). CUDA events, 2 warm-ups, median of 10; fresh random inputs.
 
-    cd perf && PYTHONPATH=$PWD/.. python3 probe_core.py [--out DIR]
+    PYTHONPATH=$PWD python3 perf/probe_core.py [--out DIR]
 """
 
 import argparse
