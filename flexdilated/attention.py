@@ -58,6 +58,15 @@ def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: Dilate
     return float(scale)
 
 
+def check_key_padding_mask(mask: torch.Tensor, batch: int, seq_len: int, device: torch.device) -> None:
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+        raise TypeError(f"key_padding_mask must be a bool tensor (True = padding), got {getattr(mask, 'dtype', mask)!r}")
+    if tuple(mask.shape) != (batch, seq_len):
+        raise ValueError(f"key_padding_mask must have shape (B, N) = {(batch, seq_len)}, got {tuple(mask.shape)}")
+    if mask.device != device:
+        raise ValueError(f"key_padding_mask.device must equal q.device ({device}), got {mask.device}")
+
+
 def _use_flex(q: torch.Tensor) -> bool:
     """The compiled flex route: CUDA, half or single precision, head dim >= 16 (flex's smallest)."""
     return q.is_cuda and q.dtype in FLEX_DTYPES and q.shape[-1] >= 16
@@ -68,8 +77,11 @@ def _pad_tails(q: torch.Tensor) -> bool:
     return _use_flex(q)
 
 
-def _attend(q, k, v, branch: Branch, unit: Unit, causal: bool, scale: float):
+def _attend(q, k, v, branch: Branch, unit: Unit, causal: bool, scale: float, key_ok: torch.Tensor | None):
     segments = dict(first_segment=unit.first_segment, num_segments=unit.num_segments)
+    if key_ok is not None:  # per-batch key validity in the gathered layout: the dense route, on every device
+        pattern = branch_mask_mod(branch, unit.seglen, causal, q.device, **segments)
+        return math_route(q, k, v, lambda b, h, i, j: pattern(b, h, i, j) & key_ok[b, h, j], scale)
     if _use_flex(q):
 
         def masks(start: int):
@@ -87,6 +99,7 @@ def dilated_attention(
     *,
     scale: float | None = None,
     return_lse: bool = False,
+    key_padding_mask: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Dilated attention of SPEC §1.
 
@@ -94,18 +107,23 @@ def dilated_attention(
     Returns out (B, H, N, D) in q's dtype, and with ``return_lse`` the float32 natural-log LSE (B, H, N):
     ``out_p = sum_t m e^{s_pt} v_t / sum_t m e^{s_pt}``, ``s = scale * <q_p, k_t>``, m the multiplicity of (p, t)
     (``min(m, 1)`` for ``overlap="set"``); rows that reach no key give 0 and LSE -inf.
+    ``key_padding_mask`` (B, N) bool, True where a key is padding, removes those keys from every pattern (as in
+    ``nn.MultiheadAttention``); it takes the dense route (`kernels.math_route`) on every device.
     """
     scale = check_inputs(q, k, v, spec, scale)
     B, H, N, D = q.shape
+    if key_padding_mask is not None:
+        check_key_padding_mask(key_padding_mask, B, N, q.device)
     slab = slab_length(spec, B * H * D, N)
     if slab >= N:
-        out, lse = _attention(q, k, v, spec, scale)
+        out, lse = _attention(q, k, v, spec, scale, key_padding_mask)
     else:  # independent slabs of whole chunks: the extra memory is that of one slab
         out = q.new_empty(B, H, N, D)
         lse = torch.empty(B, H, N, dtype=torch.float32, device=q.device)
         for a in range(0, N, slab):
+            pad = None if key_padding_mask is None else key_padding_mask[:, a : a + slab]
             out[:, :, a : a + slab], lse[:, :, a : a + slab] = _attention(
-                *(x[:, :, a : a + slab] for x in (q, k, v)), spec, scale
+                *(x[:, :, a : a + slab] for x in (q, k, v)), spec, scale, pad
             )
     return (out, lse) if return_lse else out
 
@@ -122,7 +140,7 @@ def slab_length(spec: DilatedSpec, token_elements: int, seq_len: int) -> int:
     return chunk * max(1, SLAB_ELEMENTS // (token_elements * chunk))
 
 
-def _attention(q, k, v, spec: DilatedSpec, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _attention(q, k, v, spec: DilatedSpec, scale: float, key_padding_mask) -> tuple[torch.Tensor, torch.Tensor]:
     """One slab: attend every branch in its gathered layout, then merge the branches by LSE in natural order.
 
     Natural-order buffers have one extra position, N, where padding rows are scattered (`layout.natural_index`).
@@ -136,10 +154,13 @@ def _attention(q, k, v, spec: DilatedSpec, scale: float) -> tuple[torch.Tensor, 
     for branch in (branches.__wrapped__ if torch.compiler.is_compiling() else branches)(spec, H):
         heads, kv_heads = head_index(branch, 1, q.device), head_index(branch, group, q.device)
         lse_branch = torch.full((B, H, N + 1), float("-inf"), dtype=acc, device=q.device)
-        for unit in units(branch, N, pad_tail=_pad_tails(q)):
+        for unit in units(branch, N, pad_tail=_pad_tails(q) and key_padding_mask is None):
             qg = gather(q, branch, unit, heads)
             kg, vg = (gather(x, branch, unit, kv_heads) for x in (k, v))
-            out_g, lse_g = _attend(qg, kg, vg, branch, unit, spec.causal, scale)
+            key_ok = None
+            if key_padding_mask is not None:
+                key_ok = gather(~key_padding_mask[:, None], branch, unit, torch.zeros_like(heads))
+            out_g, lse_g = _attend(qg, kg, vg, branch, unit, spec.causal, scale, key_ok)
             index = heads[:, None], natural_index(branch, unit, N, q.device)
             lse_branch[:, index[0], index[1]] = lse_g.to(acc).unflatten(0, (B, unit.num_segments))
             results.append((index, out_g, lse_g))

@@ -47,6 +47,7 @@ def reference_dilated_attention(
     *,
     scale: float | None = None,
     return_lse: bool = False,
+    key_padding_mask: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """``out_p = sum_t m e^{s_pt} v_t / sum_t m e^{s_pt}``, ``lse_p = log sum_t m e^{s_pt}``, dense.
 
@@ -54,14 +55,21 @@ def reference_dilated_attention(
     float32 otherwise. Rows with no key give out 0 and LSE -inf, with NaN-free gradients.
     """
     rows = torch.arange(q.shape[2], device=q.device)
-    out, lse = reference_rows(q, k, v, spec, rows, scale)
+    out, lse = reference_rows(q, k, v, spec, rows, scale, key_padding_mask)
     return (out, lse) if return_lse else out
 
 
 def reference_rows(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: DilatedSpec, rows: torch.Tensor, scale: float | None = None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    spec: DilatedSpec,
+    rows: torch.Tensor,
+    scale: float | None = None,
+    key_padding_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The reference for the queries ``q`` (B, H, len(rows), D) at positions ``rows``, against all keys."""
+    """The reference for the queries ``q`` (B, H, len(rows), D) at positions ``rows``, against all keys
+    (``key_padding_mask[b, t]`` True: key t of batch b is ignored)."""
     H, D = q.shape[1], q.shape[3]
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     group = H // k.shape[1]
@@ -70,6 +78,8 @@ def reference_rows(
     m = multiplicity(spec, H, rows, torch.arange(k.shape[2], device=q.device))
     if spec.overlap == "set":
         m = m.clamp(max=1)
+    if key_padding_mask is not None:
+        m = m * ~key_padding_mask[:, None, None, :]
     s = scale * (q.to(work) @ k.transpose(-1, -2))
     s = torch.where(m > 0, s + torch.log(m.to(work)), float("-inf"))  # weight m: e^{s + log m}; unreached: 0
     top = s.detach().amax(-1, keepdim=True)

@@ -38,21 +38,22 @@ def make_inputs(B, H, Hkv, N, D, seed, dtype=torch.float64):
     return [x.requires_grad_() for x in (q, k, v)]
 
 
-def outputs_and_grads(fn, xs, spec, grad_out, grad_lse, scale=None):
-    out, lse = fn(*xs, spec, scale=scale, return_lse=True)
+def outputs_and_grads(fn, xs, spec, grad_out, grad_lse, scale=None, pad=None):
+    out, lse = fn(*xs, spec, scale=scale, return_lse=True, key_padding_mask=pad)
     reached = lse > float("-inf")
     loss = (out * grad_out).sum() + (lse[reached] * grad_lse[reached]).sum()
     return out, lse, torch.autograd.grad(loss, xs)
 
 
-def check_against_reference(spec, B, H, Hkv, N, D, seed, dtype=torch.float64, tol=1e-10):
+def check_against_reference(spec, B, H, Hkv, N, D, seed, dtype=torch.float64, tol=1e-10, padding=False):
     xs = make_inputs(B, H, Hkv, N, D, seed, dtype)
     gen = torch.Generator().manual_seed(seed + 1)
     grad_out = torch.randn(B, H, N, D, generator=gen, dtype=dtype)
     grad_lse = torch.randn(B, H, N, generator=gen)
+    pad = torch.rand(B, N, generator=gen) < 0.3 if padding else None
     scale = 0.3 + (seed % 7) / 5
-    out, lse, grads = outputs_and_grads(dilated_attention, xs, spec, grad_out, grad_lse, scale)
-    ref_out, ref_lse, ref_grads = outputs_and_grads(reference_dilated_attention, xs, spec, grad_out, grad_lse, scale)
+    out, lse, grads = outputs_and_grads(dilated_attention, xs, spec, grad_out, grad_lse, scale, pad)
+    ref_out, ref_lse, ref_grads = outputs_and_grads(reference_dilated_attention, xs, spec, grad_out, grad_lse, scale, pad)
     assert out.dtype == dtype and lse.dtype == torch.float32 and out.shape == (B, H, N, D) and lse.shape == (B, H, N)
     assert torch.equal(lse == float("-inf"), ref_lse == float("-inf"))
     assert torch.isfinite(out).all() and not lse.isnan().any()
@@ -70,6 +71,12 @@ def test_matches_reference_float64(problem):
 @given(problems(max_len=30))
 def test_matches_reference_float32(problem):
     check_against_reference(*problem, dtype=torch.float32, tol=2e-5)
+
+
+@given(problems(max_len=40))
+def test_key_padding_mask_matches_reference(problem):
+    """Keys marked as padding leave every pattern; rows left with no key give 0 and LSE -inf."""
+    check_against_reference(*problem, padding=True)
 
 
 @given(problems(max_len=30))

@@ -86,6 +86,19 @@ def test_bad_scale(scale):
         dilated_attention(*qkv(), SPEC, scale=scale)
 
 
+@pytest.mark.parametrize(
+    "mask, error, match",
+    [
+        (torch.zeros(1, 16), TypeError, "key_padding_mask must be a bool tensor"),
+        (torch.zeros(1, 15, dtype=torch.bool), ValueError, r"key_padding_mask must have shape \(B, N\) = \(1, 16\)"),
+        (torch.zeros(1, 16, dtype=torch.bool, device="meta"), ValueError, "key_padding_mask.device"),
+    ],
+)
+def test_bad_key_padding_mask(mask, error, match):
+    with pytest.raises(error, match=match):
+        dilated_attention(*qkv(), SPEC, key_padding_mask=mask)
+
+
 def test_bad_spec_type():
     with pytest.raises(TypeError, match="spec must be a flexdilated.DilatedSpec"):
         dilated_attention(*qkv(), ((8,), (1,)))
