@@ -1,0 +1,152 @@
+"""Thin modules over `dilated_attention`: `DilatedAttention` on (B, H, N, D) and `MultiheadDilatedAttention`, a
+drop-in for self-attention with ``nn.MultiheadAttention(batch_first=True)`` on (B, N, E).
+
+MultiheadDilatedAttention follows MAGNETO (Wang et al., 2022), as LongNet does: a LayerNorm on the attention
+output before the output projection (``sub_ln``), and Xavier-normal initialisation with gain ``gamma_init`` on the
+value and output projections.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from .attention import dilated_attention
+from .spec import DilatedSpec
+
+
+def _positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+class DilatedAttention(nn.Module):
+    """``forward(q, k, v, key_padding_mask=None)`` on (B, H, N, D) and (B, Hkv, N, D): `dilated_attention` with a
+    fixed spec and scale."""
+
+    def __init__(
+        self,
+        segment_lengths,
+        dilation_rates,
+        *,
+        causal: bool = False,
+        heads: str = "all",
+        overlap: str = "multiset",
+        scale: float | None = None,
+    ) -> None:
+        super().__init__()
+        self.spec = DilatedSpec(segment_lengths, dilation_rates, causal=causal, heads=heads, overlap=overlap)
+        self.scale = scale
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: torch.Tensor | None = None):
+        return dilated_attention(q, k, v, self.spec, scale=self.scale, key_padding_mask=key_padding_mask)
+
+    def extra_repr(self) -> str:
+        return f"{self.spec}, scale={self.scale}"
+
+
+class MultiheadDilatedAttention(nn.Module):
+    """Multi-head dilated self-attention on (B, N, E) (or (N, B, E) with ``batch_first=False``).
+
+    ``forward(query, key, value, key_padding_mask=None, need_weights=False, attn_mask=None, is_causal=False)``
+    returns ``(out, None)``. ``key_padding_mask`` (B, N) bool, True where a key is padding, is composed with the
+    pattern. ``dropout`` applies to the attention output (B, N, E) before the sub-LayerNorm and the output
+    projection, in training mode: FlexAttention has no dropout on the attention probabilities.
+    ``num_kv_heads`` < ``num_heads`` gives grouped-query attention.
+    """
+
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        segment_lengths,
+        dilation_rates,
+        *,
+        dropout: float = 0.0,
+        bias: bool = True,
+        batch_first: bool = True,
+        sub_ln: bool = True,
+        gamma_init: float = 1.0,
+        num_kv_heads: int | None = None,
+        heads: str = "all",
+        overlap: str = "multiset",
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        self.embed_dim = _positive_int("embed_dim", embed_dim)
+        self.num_heads = _positive_int("num_heads", num_heads)
+        self.num_kv_heads = _positive_int("num_kv_heads", num_heads if num_kv_heads is None else num_kv_heads)
+        if embed_dim % num_heads:
+            raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
+        if num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+        if not (isinstance(gamma_init, (int, float)) and math.isfinite(gamma_init) and gamma_init > 0):
+            raise ValueError(f"gamma_init must be a finite number > 0, got {gamma_init!r}")
+        self.head_dim = embed_dim // num_heads
+        self.dropout, self.batch_first, self.gamma_init = dropout, batch_first, gamma_init
+        self.specs = {
+            causal: DilatedSpec(segment_lengths, dilation_rates, causal=causal, heads=heads, overlap=overlap)
+            for causal in (False, True)
+        }
+        kv_dim = self.num_kv_heads * self.head_dim
+        factory = dict(device=device, dtype=dtype)
+        self.q_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
+        self.k_proj = nn.Linear(embed_dim, kv_dim, bias=bias, **factory)
+        self.v_proj = nn.Linear(embed_dim, kv_dim, bias=bias, **factory)
+        self.norm = nn.LayerNorm(embed_dim, **factory) if sub_ln else None
+        self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Xavier-normal weights (gain ``gamma_init`` on the value and output projections), zero biases."""
+        gains = ((self.q_proj, 1.0), (self.k_proj, 1.0), (self.v_proj, self.gamma_init), (self.out_proj, self.gamma_init))
+        for proj, gain in gains:
+            nn.init.xavier_normal_(proj.weight, gain=gain)
+            if proj.bias is not None:
+                nn.init.zeros_(proj.bias)
+        if self.norm is not None:
+            self.norm.reset_parameters()
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        key_padding_mask: torch.Tensor | None = None,
+        need_weights: bool = False,
+        attn_mask: torch.Tensor | None = None,
+        is_causal: bool = False,
+    ) -> tuple[torch.Tensor, None]:
+        if need_weights:
+            raise ValueError("need_weights=True is not supported: dilated attention never forms the (N, N) weights")
+        if attn_mask is not None:
+            raise ValueError(
+                "attn_mask is not supported (a dense mask defeats the pattern): use is_causal or key_padding_mask"
+            )
+        if not self.batch_first:
+            query, key, value = (x.transpose(0, 1) for x in (query, key, value))
+        for name, x in (("query", query), ("key", key), ("value", value)):
+            if x.dim() != 3 or x.shape[-1] != self.embed_dim:
+                raise ValueError(f"{name} must be (B, N, {self.embed_dim}), got shape {tuple(x.shape)}")
+        if key.shape[:2] != query.shape[:2] or value.shape[:2] != query.shape[:2]:
+            raise ValueError(
+                f"key and value must have the query's batch and length {tuple(query.shape[:2])} (self-attention), "
+                f"got {tuple(key.shape[:2])} and {tuple(value.shape[:2])}"
+            )
+        q = rearrange(self.q_proj(query), "b n (h d) -> b h n d", h=self.num_heads)
+        k = rearrange(self.k_proj(key), "b n (h d) -> b h n d", h=self.num_kv_heads)
+        v = rearrange(self.v_proj(value), "b n (h d) -> b h n d", h=self.num_kv_heads)
+        out = dilated_attention(q, k, v, self.specs[bool(is_causal)], key_padding_mask=key_padding_mask)
+        out = F.dropout(rearrange(out, "b h n d -> b n (h d)"), p=self.dropout, training=self.training)
+        if self.norm is not None:
+            out = self.norm(out)
+        out = self.out_proj(out)
+        return (out if self.batch_first else out.transpose(0, 1)), None
