@@ -1,7 +1,9 @@
 """flexdilated: LongNet's dilated attention as FlexAttention block masks compiled into fused kernels."""
 
-from .attention import dilated_attention
+from .attention import dilated_attention, dilated_attention_step
+from .models import LongNetLM
 from .modules import DilatedAttention, MultiheadDilatedAttention
+from .positions import RotaryEmbedding
 from .picture import save_mask_png
 from .reference import dilated_mask, reference_dilated_attention
 from .spec import DilatedSpec
@@ -9,10 +11,13 @@ from .spec import DilatedSpec
 __all__ = [
     "DilatedSpec",
     "dilated_attention",
+    "dilated_attention_step",
     "reference_dilated_attention",
     "dilated_mask",
     "save_mask_png",
     "DilatedAttention",
     "MultiheadDilatedAttention",
+    "RotaryEmbedding",
+    "LongNetLM",
 ]
 __version__ = "0.1.0"

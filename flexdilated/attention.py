@@ -15,6 +15,7 @@ from .kernels import flex_route, math_route
 from .layout import Unit, gather, head_index, natural_index, units
 from .masks import branch_block_mask, branch_mask_mod
 from .merge import merge_lse
+from .reference import reference_rows
 from .spec import Branch, DilatedSpec, branches
 
 FLEX_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -126,6 +127,22 @@ def dilated_attention(
                 *(x[:, :, a : a + slab] for x in (q, k, v)), spec, scale, pad
             )
     return (out, lse) if return_lse else out
+
+
+def dilated_attention_step(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: DilatedSpec, *, scale: float | None = None
+) -> torch.Tensor:
+    """Causal decoding: the one query ``q`` (B, H, 1, D) at position ``p = N - 1`` against the cached keys
+    ``k``, ``v`` (B, Hkv, N, D) at positions 0 .. p. Equal to row p of `dilated_attention` (``spec.causal``);
+    it reads only the keys of p's segments, at most ``max(segment_lengths)`` of them."""
+    if not spec.causal:
+        raise ValueError("dilated_attention_step decodes causally: spec.causal must be True")
+    p = k.shape[2] - 1
+    start = min(p - p % w for w in spec.segment_lengths)
+    keys = torch.arange(start, p + 1, device=q.device)
+    rows = torch.tensor([p], device=q.device)
+    out, _ = reference_rows(q, k[:, :, start:], v[:, :, start:], spec, rows, scale, key_positions=keys)
+    return out
 
 
 SLAB_ELEMENTS = 2**26  # elements of q in one slab: 128 MiB in bf16

@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from .attention import dilated_attention
+from .attention import dilated_attention, dilated_attention_step
+from .positions import RotaryEmbedding
 from .spec import DilatedSpec
 
 
@@ -57,7 +58,8 @@ class MultiheadDilatedAttention(nn.Module):
     returns ``(out, None)``. ``key_padding_mask`` (B, N) bool, True where a key is padding, is composed with the
     pattern. ``dropout`` applies to the attention output (B, N, E) before the sub-LayerNorm and the output
     projection, in training mode: FlexAttention has no dropout on the attention probabilities.
-    ``num_kv_heads`` < ``num_heads`` gives grouped-query attention.
+    ``num_kv_heads`` < ``num_heads`` gives grouped-query attention; ``rotary`` rotates q and k by their positions.
+    ``decode`` attends new tokens against a cache of the keys and values before them (causal generation).
     """
 
     def __init__(
@@ -77,6 +79,7 @@ class MultiheadDilatedAttention(nn.Module):
         overlap: str = "multiset",
         device=None,
         dtype=None,
+        rotary: RotaryEmbedding | None = None,
     ) -> None:
         super().__init__()
         self.embed_dim = _positive_int("embed_dim", embed_dim)
@@ -103,12 +106,13 @@ class MultiheadDilatedAttention(nn.Module):
         self.v_proj = nn.Linear(embed_dim, kv_dim, bias=bias, **factory)
         self.norm = nn.LayerNorm(embed_dim, **factory) if sub_ln else None
         self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
+        self.rotary = rotary
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         """Xavier-normal weights (gain ``gamma_init`` on the value and output projections), zero biases."""
-        gains = ((self.q_proj, 1.0), (self.k_proj, 1.0), (self.v_proj, self.gamma_init), (self.out_proj, self.gamma_init))
-        for proj, gain in gains:
+        gain = self.gamma_init
+        for proj, gain in ((self.q_proj, 1.0), (self.k_proj, 1.0), (self.v_proj, gain), (self.out_proj, gain)):
             nn.init.xavier_normal_(proj.weight, gain=gain)
             if proj.bias is not None:
                 nn.init.zeros_(proj.bias)
@@ -141,12 +145,36 @@ class MultiheadDilatedAttention(nn.Module):
                 f"key and value must have the query's batch and length {tuple(query.shape[:2])} (self-attention), "
                 f"got {tuple(key.shape[:2])} and {tuple(value.shape[:2])}"
             )
+        q, k, v = self._project(query, key, value, offset=0)
+        out = dilated_attention(q, k, v, self.specs[bool(is_causal)], key_padding_mask=key_padding_mask)
+        out = self._output(out)
+        return (out if self.batch_first else out.transpose(0, 1)), None
+
+    def _project(self, query, key, value, offset: int):
         q = rearrange(self.q_proj(query), "b n (h d) -> b h n d", h=self.num_heads)
         k = rearrange(self.k_proj(key), "b n (h d) -> b h n d", h=self.num_kv_heads)
         v = rearrange(self.v_proj(value), "b n (h d) -> b h n d", h=self.num_kv_heads)
-        out = dilated_attention(q, k, v, self.specs[bool(is_causal)], key_padding_mask=key_padding_mask)
+        if self.rotary is not None:
+            q, k = self.rotary(q, k, offset)
+        return q, k, v
+
+    def _output(self, out: torch.Tensor) -> torch.Tensor:
         out = F.dropout(rearrange(out, "b h n d -> b n (h d)"), p=self.dropout, training=self.training)
         if self.norm is not None:
             out = self.norm(out)
-        out = self.out_proj(out)
-        return (out if self.batch_first else out.transpose(0, 1)), None
+        return self.out_proj(out)
+
+    def decode(self, x: torch.Tensor, cache: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Causal self-attention of the new tokens ``x`` (B, n, E) after the ``cache`` of earlier keys and values
+        (updated in place; empty dict to start). A prompt goes in whole (empty cache), later tokens one by one."""
+        past = cache["k"].shape[2] if cache else 0
+        if past and x.shape[1] != 1:
+            raise ValueError(f"decode takes one token at a time after the prompt, got {x.shape[1]}")
+        q, k, v = self._project(x, x, x, offset=past)
+        if past:
+            k, v = torch.cat((cache["k"], k), dim=2), torch.cat((cache["v"], v), dim=2)
+            out = dilated_attention_step(q, k, v, self.specs[True])
+        else:
+            out = dilated_attention(q, k, v, self.specs[True])
+        cache["k"], cache["v"] = k, v
+        return self._output(out)

@@ -67,15 +67,17 @@ def reference_rows(
     rows: torch.Tensor,
     scale: float | None = None,
     key_padding_mask: torch.Tensor | None = None,
+    key_positions: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The reference for the queries ``q`` (B, H, len(rows), D) at positions ``rows``, against all keys
-    (``key_padding_mask[b, t]`` True: key t of batch b is ignored)."""
+    """The reference for the queries ``q`` (B, H, len(rows), D) at positions ``rows``, against the keys ``k``
+    at ``key_positions`` (default: all, 0 .. N-1); ``key_padding_mask[b, t]`` True: key t of batch b is ignored."""
     H, D = q.shape[1], q.shape[3]
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     group = H // k.shape[1]
     work = torch.float64 if q.dtype == torch.float64 else torch.float32
     k, v = (x.repeat_interleave(group, dim=1).to(work) for x in (k, v))
-    m = multiplicity(spec, H, rows, torch.arange(k.shape[2], device=q.device))
+    keys = torch.arange(k.shape[2], device=q.device) if key_positions is None else key_positions
+    m = multiplicity(spec, H, rows, keys)
     if spec.overlap == "set":
         m = m.clamp(max=1)
     if key_padding_mask is not None:
