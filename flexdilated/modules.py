@@ -111,8 +111,8 @@ class MultiheadDilatedAttention(nn.Module):
 
     def reset_parameters(self) -> None:
         """Xavier-normal weights (gain ``gamma_init`` on the value and output projections), zero biases."""
-        gain = self.gamma_init
-        for proj, gain in ((self.q_proj, 1.0), (self.k_proj, 1.0), (self.v_proj, gain), (self.out_proj, gain)):
+        g = self.gamma_init
+        for proj, gain in ((self.q_proj, 1.0), (self.k_proj, 1.0), (self.v_proj, g), (self.out_proj, g)):
             nn.init.xavier_normal_(proj.weight, gain=gain)
             if proj.bias is not None:
                 nn.init.zeros_(proj.bias)

@@ -155,10 +155,12 @@ def test_inside_user_compile_fullgraph_cpu():
     """An enclosing torch.compile(fullgraph=True) traces the CPU route, forward and backward, with no graph break;
     equal shapes do not compile again."""
     spec = DilatedSpec((16, 32), (1, 2), causal=True, overlap="set")
-    torch._dynamo.reset()
-    torch._dynamo.utils.counters.clear()
+    from torch._dynamo.testing import CompileCounterWithBackend
 
-    @torch.compile(fullgraph=True, backend="aot_eager")
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+
+    @torch.compile(fullgraph=True, backend=counter)
     def f(q, k, v):
         return dilated_attention(torch.tanh(q), k, v, spec)
 
@@ -171,8 +173,7 @@ def test_inside_user_compile_fullgraph_cpu():
         (rq,) = torch.autograd.grad(ref.square().sum(), ys[0])
         torch.testing.assert_close(out, ref, rtol=2e-5, atol=2e-5)
         torch.testing.assert_close(gq, rq, rtol=2e-5, atol=2e-5)
-    stats = torch._dynamo.utils.counters["stats"]
-    assert stats["unique_graphs"] == 1, dict(stats)
+    assert counter.frame_count == 1
 
 
 def test_long_sequence_last_segment_matches_reference():

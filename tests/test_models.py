@@ -96,3 +96,21 @@ def test_bad_model_arguments():
         LongNetLM(10, 30, 1, 4, (8,), (1,))
     with pytest.raises(ValueError, match="tokens must be an int tensor"):
         LongNetLM(10, 16, 1, 2, (8,), (1,))(torch.randn(1, 4))
+
+
+def test_lm_compiles_fullgraph_without_recompiling_across_steps():
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")  # counts this compile only (eager CPU flex traces its own)
+    lm = LongNetLM(50, 32, 2, 4, (8, 16), (1, 2))
+    compiled = torch.compile(lm, fullgraph=True, backend=counter)
+    opt = torch.optim.SGD(lm.parameters(), lr=0.1)
+    for step in range(3):
+        tokens = torch.randint(0, 50, (2, 33), generator=torch.Generator().manual_seed(step))
+        logits = compiled(tokens[:, :-1])
+        torch.testing.assert_close(logits, lm(tokens[:, :-1]), rtol=1e-5, atol=1e-5)
+        torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()).backward()
+        opt.step()
+        opt.zero_grad()
+    assert counter.frame_count == 1
