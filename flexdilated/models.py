@@ -2,7 +2,8 @@
 
 `LongNetLM`: the decoder-only causal LM of the paper. Pre-LN blocks with MAGNETO's sub-LayerNorms (inside the
 attention before its output projection, inside the feed-forward before its second linear) and its init gain
-``sqrt(log(2 * depth))`` on the value/output projections and the feed-forward weights; XPOS (or RoPE) positions.
+``sqrt(log(2 * depth))`` on the value/output projections and the feed-forward weights; RoPE positions by default,
+XPOS (the paper's) with ``position="xpos"`` for sequences up to ≈36k tokens (`positions.py`).
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ class LongNetLM(nn.Module):
         num_kv_heads: int | None = None,
         ff_mult: int = 4,
         dropout: float = 0.0,
-        position: str | None = "xpos",
+        position: str | None = "rope",
         tie_embeddings: bool = True,
         checkpointing: bool = False,
         heads: str = "all",

@@ -4,7 +4,8 @@ RoPE rotates each pair of channels ``(x_2i, x_2i+1)`` of the token at position n
 ``θ_i = base^(-2i/d)``, so ``<q_p, k_t>`` depends on ``p - t`` only. XPOS (Sun et al., 2022; the LongNet LM) also
 scales q by ``ζ_i^(n/s)`` and k by ``ζ_i^(-n/s)`` with ``ζ_i = (2i/d + 0.4) / 1.4``, a decay in ``p - t``.
 Positions are absolute (pass ``offset`` when decoding one token at a time), so the result does not depend on the
-order tokens are processed in. XPOS scales grow as ``ζ^(-n/s)``: in float32 they overflow past n ≈ 64·s tokens.
+order tokens are processed in. XPOS scales grow as ``ζ^(-n/s)`` (ζ ≥ 0.29): in float32 they overflow past
+n ≈ 70·s, about 36k tokens at s = 512, so long-sequence models use plain RoPE.
 """
 
 from __future__ import annotations
