@@ -167,8 +167,7 @@ def _attention(q, k, v, spec: DilatedSpec, scale: float, key_padding_mask) -> tu
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     results = []  # (heads, natural index, out, lse) per unit, in the gathered layout
     lses = []  # each branch's LSE in natural order, -inf where it reaches nothing
-    # under an enclosing torch.compile the caches are traced through, so call the functions they wrap
-    for branch in (branches.__wrapped__ if torch.compiler.is_compiling() else branches)(spec, H):
+    for branch in branches(spec, H):
         heads, kv_heads = head_index(branch, 1, q.device), head_index(branch, group, q.device)
         lse_branch = torch.full((B, H, N + 1), float("-inf"), dtype=acc, device=q.device)
         for unit in units(branch, N, pad_tail=_pad_tails(q) and key_padding_mask is None):

@@ -13,13 +13,11 @@ depend on the branch and the segment length only; the scatter back uses an (S, H
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
-
 import torch
 from einops import rearrange
 
 from .masks import counts
-from .spec import Branch
+from .spec import Branch, traced_cache
 
 
 @dataclass(frozen=True)
@@ -43,7 +41,7 @@ def units(branch: Branch, seq_len: int, pad_tail: bool) -> list[Unit]:
     return out
 
 
-@lru_cache(maxsize=1024)
+@traced_cache(maxsize=1024)
 def _positions(branch: Branch, seglen: int, rows: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     j = torch.arange(rows)[None, :]
     count = torch.tensor(counts(branch, seglen))[:, None]
@@ -54,19 +52,13 @@ def _positions(branch: Branch, seglen: int, rows: int, device: torch.device) -> 
 def positions(branch: Branch, unit: Unit, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(H_b, rows) each: the position within its segment of gathered row j of head k (clamped into the segment),
     and whether that row holds a real token (``j < count_k``) rather than padding."""
-    build = _positions.__wrapped__ if torch.compiler.is_compiling() else _positions
-    return build(branch, unit.seglen, unit.rows, device)
+    return _positions(branch, unit.seglen, unit.rows, device)
 
 
-@lru_cache(maxsize=1024)
-def _head_index(heads: tuple[int, ...], group: int, device: torch.device) -> torch.Tensor:
-    return torch.tensor([h // group for h in heads], device=device)
-
-
+@traced_cache(maxsize=1024)
 def head_index(branch: Branch, group: int, device: torch.device) -> torch.Tensor:
     """The heads of a tensor with ``H / group`` heads that feed the branch's heads (GQA: ``h // group``)."""
-    build = _head_index.__wrapped__ if torch.compiler.is_compiling() else _head_index
-    return build(branch.heads, group, device)
+    return torch.tensor([h // group for h in branch.heads], device=device)
 
 
 def segments(x: torch.Tensor, branch: Branch, unit: Unit) -> torch.Tensor:

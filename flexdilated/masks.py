@@ -8,13 +8,12 @@ the segment length, never on the sequence length N (segments are folded into the
 
 from __future__ import annotations
 
-from functools import lru_cache
 from typing import Callable
 
 import torch
 from torch.nn.attention.flex_attention import BlockMask
 
-from .spec import Branch
+from .spec import Branch, traced_cache
 
 BLOCK_SIZE = 128
 MaskMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -85,7 +84,7 @@ def _first_true(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return num, idx
 
 
-@lru_cache(maxsize=512)
+@traced_cache(maxsize=512)
 def _block_tables(branch: Branch, seglen: int, rows: int, causal: bool, device: torch.device, block: int):
     """Partial and full block tables of the branch on a segment of length ``seglen`` gathered into ``rows`` rows.
 
@@ -116,10 +115,10 @@ def _block_tables(branch: Branch, seglen: int, rows: int, causal: bool, device: 
     return kv_num[None], kv_idx[None], full_num[None], full_idx[None]
 
 
-@lru_cache(maxsize=512)
+@traced_cache(maxsize=512)
 def _cached_block_mask(branch: Branch, seglen: int, rows: int, causal: bool, device: torch.device, block: int):
     mask_mod = branch_mask_mod(branch, seglen, causal, device)
-    tables = _block_tables.__wrapped__(branch, seglen, rows, causal, device, block)
+    tables = _block_tables(branch, seglen, rows, causal, device, block)
     return BlockMask.from_kv_blocks(*tables, BLOCK_SIZE=block, mask_mod=mask_mod, seq_lengths=(rows, rows))
 
 
@@ -140,10 +139,8 @@ def branch_block_mask(
     ``first_segment``, ``num_segments`` and ``batch_start`` matter only when ``branch.nested`` is False: then the
     mask_mod needs the absolute segment index and the mask is rebuilt around the cached block tables each call.
     """
-    compiling = torch.compiler.is_compiling()  # an enclosing torch.compile traces through the caches
     if branch.nested:
-        build = _cached_block_mask.__wrapped__ if compiling else _cached_block_mask
-        return build(branch, seglen, rows, causal, device, block)
+        return _cached_block_mask(branch, seglen, rows, causal, device, block)
     mask_mod = branch_mask_mod(branch, seglen, causal, device, first_segment, num_segments, batch_start)
-    tables = (_block_tables.__wrapped__ if compiling else _block_tables)(branch, seglen, rows, causal, device, block)
+    tables = _block_tables(branch, seglen, rows, causal, device, block)
     return BlockMask.from_kv_blocks(*tables, BLOCK_SIZE=block, mask_mod=mask_mod, seq_lengths=(rows, rows))

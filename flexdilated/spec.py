@@ -11,7 +11,25 @@ attention per branch and merges the branches by their log-sum-exp (`merge.py`).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import lru_cache, wraps
+
+import torch
+
+def traced_cache(maxsize: int):
+    """``lru_cache`` outside ``torch.compile``; under an enclosing compile the function itself is called (and
+    traced), since Dynamo cannot trace through the cache."""
+
+    def decorate(fn):
+        cached = lru_cache(maxsize=maxsize)(fn)
+
+        @wraps(fn)
+        def call(*args):
+            return fn(*args) if torch.compiler.is_compiling() else cached(*args)
+
+        return call
+
+    return decorate
+
 
 HEAD_MODES = ("all", "grouped")
 OVERLAP_MODES = ("multiset", "set")
@@ -103,7 +121,7 @@ class Branch:
         return all(self.segment % w_e == 0 for w_e, _, _ in self.earlier)
 
 
-@lru_cache(maxsize=256)
+@traced_cache(maxsize=256)
 def branches(spec: DilatedSpec, num_heads: int) -> tuple[Branch, ...]:
     """The branches of ``spec`` for ``num_heads`` heads, smallest segment first.
 
