@@ -17,6 +17,7 @@ from .masks import branch_block_mask, branch_mask_mod
 from .merge import merge_lse
 from .reference import reference_rows
 from .spec import Branch, DilatedSpec, branches
+from .strided import strided_attention, strided_classes
 
 FLEX_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 DTYPES = FLEX_DTYPES + (torch.float64,)
@@ -115,6 +116,10 @@ def dilated_attention(
     B, H, N, D = q.shape
     if key_padding_mask is not None:
         check_key_padding_mask(key_padding_mask, B, N, q.device)
+    classes = strided_classes(q, k, spec) if key_padding_mask is None and _use_flex(q) else None
+    if classes is not None:
+        out, lse = strided_attention(q, k, v, spec, classes, scale)
+        return (out, lse.float()) if return_lse else out
     slab = slab_length(spec, B * H * D, N)
     if slab >= N:
         out, lse = _attention(q, k, v, spec, scale, key_padding_mask)

@@ -61,6 +61,10 @@ def workloads(quick: bool) -> list[Workload]:
     return out
 
 
+def label(w: Workload) -> str:
+    return w.name + "-causal" * w.spec.causal + "-set" * (w.spec.overlap == "set")
+
+
 def timed(fn, reps: int, warm: int = 2) -> float:
     for _ in range(warm):
         fn()
@@ -166,12 +170,24 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
     parser.add_argument("--quick", action="store_true", help="one N per workload, fewer repetitions (< 3 min)")
+    parser.add_argument("--only", default=None, help="comma-separated workload labels to run, e.g. W1,W1-causal")
+    parser.add_argument("--combine", nargs="+", default=None, metavar="JSON",
+                        help="merge the records of earlier runs into DIR/results.json, plot and print (no GPU work)")
     args = parser.parse_args()
+    if args.combine:
+        records = [r for path in args.combine for r in json.load(open(path))]
+        with open(f"{args.out}/results.json", "w") as f:
+            json.dump(records, f, indent=1)
+        plot(records, f"{args.out}/time_vs_n.png")
+        print_ratios(records)
+        return
     reps = 5 if args.quick else 10
     device = torch.cuda.get_device_name()
     check_naive_pipeline()
     records = []
     for w in workloads(args.quick):
+        if args.only and label(w) not in args.only.split(","):
+            continue
         # Each workload compiles its own kernels: one process running many (heads per pattern, length, grad)
         # combinations passes Dynamo's limit of 8 compiled versions per function (README: Limits).
         torch._dynamo.reset()
@@ -193,7 +209,8 @@ def main():
                     records.append(rec)
                     print(json.dumps(rec), flush=True)
                     torch.cuda.empty_cache()
-    with open(f"{args.out}/results.json", "w") as f:
+    name = "results.json" if not args.only else f"results_{args.only.replace(',', '_')}.json"
+    with open(f"{args.out}/{name}", "w") as f:
         json.dump(records, f, indent=1)
     plot(records, f"{args.out}/time_vs_n.png")
     print_ratios(records)

@@ -10,6 +10,7 @@ from torch.utils.checkpoint import checkpoint
 
 from flexdilated import DilatedSpec, dilated_attention
 from flexdilated.reference import reference_rows
+from flexdilated.strided import strided_classes
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -40,25 +41,28 @@ def rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
-CASES = [  # (patterns, H, Hkv, N, causal, heads, overlap)
-    (W1, 8, 8, 65536, False, "all", "multiset"),
-    (W1, 8, 8, 65536, True, "all", "multiset"),
-    (W1, 8, 8, 65536, True, "all", "set"),
-    (W1, 8, 2, 50000, False, "all", "multiset"),
-    (W1, 8, 8, 65536, False, "grouped", "multiset"),
-    (PAPER, 12, 12, 65536, False, "all", "multiset"),
-    (PAPER, 12, 12, 65536, True, "all", "multiset"),
-    (PAPER, 12, 4, 40000, True, "all", "set"),
-    (((2048, 4096), (2, 4)), 4, 4, 10000, False, "all", "multiset"),  # odd rows of even heads reach nothing
+BF16 = {torch.bfloat16: TOLERANCE[torch.bfloat16]}
+# (patterns, B, H, Hkv, N, causal, heads, overlap, dtypes): N a multiple of the largest segment with w / r a
+# multiple of 128 takes the strided route, the rest the gather route (README: routes)
+CASES = [
+    (W1, 1, 8, 8, 65536, False, "all", "multiset", TOLERANCE),  # strided
+    (W1, 1, 8, 8, 65536, True, "all", "set", BF16),  # strided, set exclusions as whole blocks
+    (W1, 1, 8, 2, 32768, True, "all", "multiset", BF16),  # strided, GQA through flex's enable_gqa
+    (W1, 1, 8, 8, 32768, False, "grouped", "multiset", BF16),  # strided, one class per group
+    (W1, 2, 8, 8, 16384, True, "all", "multiset", BF16),  # strided, batch of 2
+    (W1, 1, 8, 2, 50000, False, "all", "multiset", TOLERANCE),  # gather: tails
+    (PAPER, 1, 12, 12, 65536, True, "all", "multiset", BF16),  # gather: w % r != 0
+    (PAPER, 1, 12, 4, 40000, True, "all", "set", BF16),
+    (((2048, 4096), (2, 4)), 1, 4, 4, 10000, False, "all", "multiset", BF16),  # odd rows of even heads reach nothing
 ]
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: f"H{c[1]}kv{c[2]}-N{c[3]}-{'causal' if c[4] else 'full'}-{c[5]}-{c[6]}-w{max(c[0][0])}")
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"B{c[1]}H{c[2]}kv{c[3]}-N{c[4]}-{'causal' if c[5] else 'full'}-{c[6]}-{c[7]}-w{max(c[0][0])}")
 def test_compiled_kernel_matches_reference(case):
-    (w, r), H, Hkv, N, causal, heads, overlap = case
+    (w, r), B, H, Hkv, N, causal, heads, overlap, dtypes = case
     spec = DilatedSpec(w, r, causal=causal, heads=heads, overlap=overlap)
     gen = torch.Generator(device="cuda").manual_seed(N + H)
-    shape_q, shape_kv = (1, H, N, 64), (1, Hkv, N, 64)
+    shape_q, shape_kv = (B, H, N, 64), (B, Hkv, N, 64)
     # values representable in bf16, so both dtypes and the reference see the same inputs
     q, k, v = (torch.randn(s, generator=gen, device="cuda").bfloat16().double() for s in (shape_q, shape_kv, shape_kv))
     grad = torch.randn(shape_q, generator=gen, device="cuda").bfloat16().double()
@@ -66,12 +70,13 @@ def test_compiled_kernel_matches_reference(case):
     ref_out, ref_lse = reference_slabbed(*ref_in, spec)
     ref_grads = torch.autograd.grad((ref_out * grad).sum(), ref_in)
     finite = ref_lse > float("-inf")
-    for dtype, tol in TOLERANCE.items():
+    route = "strided" if strided_classes(q, k, spec) is not None else "gather"
+    for dtype, tol in dtypes.items():
         xs = [x.to(dtype).requires_grad_() for x in (q, k, v)]
         out, lse = dilated_attention(*xs, spec, return_lse=True)
         grads = torch.autograd.grad((out * grad.to(dtype)).sum(), xs)
         errors = {"out": rel(out, ref_out)} | {n: rel(g, rg) for n, g, rg in zip("qkv", grads, ref_grads)}
-        print(f"{dtype} {errors}")
+        print(f"{route} {dtype} {errors}")
         assert all(e < tol for e in errors.values()), (dtype, errors)
         assert torch.equal(lse == float("-inf"), ~finite)
         assert (out[~finite[..., None].expand_as(out)] == 0).all()
@@ -80,14 +85,17 @@ def test_compiled_kernel_matches_reference(case):
 
 @pytest.mark.parametrize("overlap", ["multiset", "set"])
 def test_no_recompile_across_lengths_and_calls(overlap):
-    """After one call with whole segments and one with a tail, no N compiles again (causal or not)."""
+    """Once each route has compiled for a spec (strided: N a multiple of 8192 with at least 2 chunks; gather:
+    the rest), no N compiles again."""
     counters = torch._dynamo.utils.counters
     counters.clear()
-    for step, (N, causal) in enumerate([(16384, False), (50000, True), (32768, True), (65536, False), (60000, False), (16384, True)]):
+    warm_up = [(16384, False), (32768, True), (50000, True), (60000, False)]
+    check = [(65536, False), (24576, True), (40000, True), (16384, True), (65536, True), (57000, False)]
+    for step, (N, causal) in enumerate(warm_up + check):
         spec = DilatedSpec(*W1, causal=causal, overlap=overlap)
         q, k, v = (torch.randn(1, 8, N, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
         dilated_attention(q, k, v, spec).sum().backward()
-        if step == 1:
+        if step == len(warm_up) - 1:
             warm = counters["stats"]["unique_graphs"]
     print("compiled graphs:", warm, dict(counters["stats"]))
     assert counters["stats"]["unique_graphs"] == warm
@@ -108,8 +116,8 @@ def test_inside_user_compile_fullgraph():
 
 
 def test_forward_memory_is_bounded_by_slabs():
-    """Inference at N = 1,048,576 (W1, bf16): peak memory over the bytes of q, k, v and out stays at most 1.4
-    (measured 1.35 on an H100 with the default slab of 2**26 elements; 3.46 without slabs)."""
+    """Inference at N = 1,048,576 (W1, bf16, strided route in slabs of 2**27 elements of q): peak memory over the
+    bytes of q, k, v and out stays at most 1.25 (the perf issue's target)."""
     q, k, v = (torch.randn(1, 8, 2**20, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     spec = DilatedSpec(*W1)
     with torch.no_grad():
@@ -121,5 +129,7 @@ def test_forward_memory_is_bounded_by_slabs():
         torch.cuda.synchronize()
     ratio = (torch.cuda.max_memory_allocated() - base + 3 * q.nbytes) / (4 * q.nbytes)
     print(f"peak / (q, k, v, out) = {ratio:.3f}")
-    assert ratio <= 1.4
-    assert torch.isfinite(out).all()
+    assert ratio <= 1.25
+    # the slabbed inference computes what one call with autograd computes
+    one_call = dilated_attention(q.requires_grad_(), k, v, spec).detach()
+    assert rel(out, one_call) < 5e-3, rel(out, one_call)

@@ -1,0 +1,255 @@
+"""The fast CUDA route: every (pattern, head-offset class) is a strided view of q, k, v. No gathers, no copies.
+
+The heads of a branch that share an offset ``o`` form a *class*. When they are an arithmetic progression
+``h0 + a*step`` and the pattern has ``w % r == 0``, the class's rows ``m = 0 .. N/r - 1`` are the tokens
+``o + m*r``: a view ``x[:, h0::step].unflatten(N, (N/r, r))[..., o, :]`` of shape (B, n, N/r, D) in any layout.
+Segment ``s`` of the pattern is rows ``s*L .. (s+1)*L - 1`` (``L = w/r``), so the pattern is a block-diagonal
+mask of L-row blocks in the view (SPEC §1: ``p // w == t // w``, and p, t share the class's offset)::
+
+    keep(m, m') = m // L == m' // L  and  (m' <= m or not causal)  and  not excluded(o + m*r, o + m'*r)
+
+with ``excluded`` the pairs an earlier pattern claims under ``overlap="set"`` (`spec.Branch.earlier`). With L a
+multiple of the 128-token block, the block tables of one segment (`masks._block_tables`) tile the diagonal: the
+tables are O(N/128 · L/128), built inside the graph from N.
+
+One compiled function runs every class's flex call, puts the class outputs and LSEs back in natural order
+(select/slice-scatter, which Inductor fuses into the merge) and merges the patterns by LSE (`merge.py`).
+Its input is q, k, v viewed as (B, H, C, W, D) with C chunks of the largest segment W: the chunk count is the one
+dynamic size, so one compilation serves every N that is a multiple of W.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.nn.attention.flex_attention import AuxRequest, BlockMask, flex_attention
+
+from .masks import BLOCK_SIZE, _block_tables
+from .merge import merge_lse, merge_weight
+from .spec import Branch, DilatedSpec, branches, traced_cache
+
+MAX_ELEMENTS = 2**31 - 1  # flex's int32 offsets: every tensor stays below this many elements
+
+
+@dataclass(frozen=True)
+class HeadClass:
+    """Heads ``range(*q_heads)`` of one branch, all with offset ``offset``, reading kv heads ``range(*kv_heads)``
+    (fewer of them when several query heads share one: flex's GQA). ``branch`` is restricted to these heads."""
+
+    branch: Branch
+    offset: int
+    q_heads: tuple[int, int, int]
+    kv_heads: tuple[int, int, int]
+
+
+def _progression(xs: list[int]) -> tuple[int, int, int] | None:
+    step = xs[1] - xs[0] if len(xs) > 1 else 1
+    if step <= 0 or any(b - a != step for a, b in zip(xs, xs[1:])):
+        return None
+    return xs[0], xs[-1] + 1, step
+
+
+@traced_cache(maxsize=256)
+def head_classes(spec: DilatedSpec, num_heads: int, num_kv_heads: int) -> tuple[HeadClass, ...] | None:
+    """The classes of every branch, or None if some class is not a strided view of q or of k."""
+    group = num_heads // num_kv_heads
+    out = []
+    for branch in branches(spec, num_heads):
+        by_offset: dict[int, list[int]] = {}
+        for h, o in zip(branch.heads, branch.offsets):
+            by_offset.setdefault(o, []).append(h)
+        for o, heads in by_offset.items():
+            q_heads = _progression(heads)
+            kv = [h // group for h in heads]
+            distinct = sorted(set(kv))
+            repeats = len(kv) // len(distinct)
+            kv_heads = _progression(distinct)
+            if q_heads is None or kv_heads is None or kv != [u for u in distinct for _ in range(repeats)]:
+                return None
+            if repeats > 1 and kv_heads[2] != 1 and len(distinct) > 1:
+                return None
+            at = [branch.heads.index(h) for h in heads]
+            earlier = tuple((w, r, tuple(offs[i] for i in at)) for w, r, offs in branch.earlier)
+            sub = Branch(branch.segment, branch.rate, tuple(heads), (o,) * len(heads), earlier)
+            out.append(HeadClass(sub, o, q_heads, kv_heads))
+    return tuple(out)
+
+
+def strided_classes(q: torch.Tensor, k: torch.Tensor, spec: DilatedSpec) -> tuple[HeadClass, ...] | None:
+    """The classes if the strided route applies to these inputs, else None: every pattern has ``w % r == 0``,
+    ``w / r`` a multiple of the block size and ``w`` dividing the largest segment W, N a multiple of W, and
+    every tensor below 2**31 elements."""
+    W = max(spec.segment_lengths)
+    N = q.shape[2]
+    if N % W or max(q.numel(), k.numel()) > MAX_ELEMENTS:
+        return None
+    for w, r in spec.patterns:
+        if w % r or (w // r) % BLOCK_SIZE or W % w:
+            return None
+    return head_classes(spec, q.shape[1], k.shape[1])
+
+
+def _table_branch(cls: HeadClass) -> Branch:
+    """The branch whose block tables the class uses: one head (broadcast) when its heads share every offset."""
+    b = cls.branch
+    if all(len(set(o_e)) == 1 for _, _, o_e in b.earlier):
+        return Branch(b.segment, b.rate, (0,), (cls.offset,), tuple((w, r, o_e[:1]) for w, r, o_e in b.earlier))
+    return b
+
+
+@traced_cache(maxsize=256)
+def _local_tables(branch: Branch, causal: bool, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """Block tables of one segment (kv and q directions, partial and full): (1, heads, L/128[, L/128]) each."""
+    L = branch.segment // branch.rate
+    tables = _block_tables(branch, branch.segment, L, causal, device, BLOCK_SIZE)
+    mask = BlockMask.from_kv_blocks(*tables, BLOCK_SIZE=BLOCK_SIZE, seq_lengths=(L, L))
+    return (mask.kv_num_blocks, mask.kv_indices, mask.full_kv_num_blocks, mask.full_kv_indices,
+            mask.q_num_blocks, mask.q_indices, mask.full_q_num_blocks, mask.full_q_indices)
+
+
+def _place(parts: list[tuple[HeadClass, torch.Tensor]], num_heads: int, rate: int, fill: float) -> torch.Tensor:
+    """Class results (B, n, N/r, *E) back in natural order (B, H, N, *E); ``fill`` where the pattern reaches no row."""
+    B, _, M, *E = parts[0][1].shape
+    base = parts[0][1].new_full((B, num_heads, M, rate, *E), fill)
+    for cls, x in parts:
+        start, stop, step = cls.q_heads
+        heads = base[:, start:stop:step].select_scatter(x, 3, cls.offset)
+        base = base.slice_scatter(heads, 1, start, stop, step)
+    return base.flatten(2, 3)
+
+
+def _place_all(parts: list[tuple[HeadClass, torch.Tensor]], num_heads: int, rate: int, fill: float) -> torch.Tensor:
+    """`_place` for classes ``c, c + r, c + 2r, ...`` (c = 0 .. r-1, heads="all" with r | H): one concatenation,
+    a head permutation and a diagonal select, which Inductor keeps in one pointwise kernel."""
+    x = torch.cat([x for _, x in sorted(parts, key=lambda p: p[0].offset)], dim=1)  # heads in (c, a) order
+    x = x.unflatten(1, (rate, num_heads // rate)).transpose(1, 2).flatten(1, 2)  # natural head h = a*r + c
+    E = x.dim() - 3
+    h = torch.arange(num_heads, device=x.device)
+    keep = (h[:, None] % rate == torch.arange(rate, device=x.device)).view(1, num_heads, 1, rate, *(1,) * E)
+    return torch.where(keep, x.unsqueeze(3), fill).flatten(2, 3)
+
+
+def _is_all(parts, num_heads: int, rate: int) -> bool:
+    full = [(c, c + num_heads - rate + 1, rate) for c in range(rate)]
+    return num_heads % rate == 0 and sorted(c.q_heads for c, _ in parts) == full and all(
+        c.offset == c.q_heads[0] for c, _ in parts
+    )
+
+
+def _folded_view(x: torch.Tensor, heads: tuple[int, int, int], segment: int, rate: int, offset: int) -> torch.Tensor:
+    """(1, H, C, W, D) -> (S, n, L, D): segment s of the class in batch entry s, a view."""
+    start, stop, step = heads
+    x = x[0, start:stop:step]  # (n, C, W, D)
+    x = x.unflatten(2, (x.shape[2] // segment, segment)).flatten(1, 2)  # (n, S, w, D)
+    x = x.unflatten(2, (segment // rate, rate)).select(3, offset)  # (n, S, L, D)
+    return x.transpose(0, 1)
+
+
+def _segment_mask_mod(cls: HeadClass, causal: bool, device: torch.device):
+    """The class's mask in one segment (batch entry b = segment index): rows i, j < L."""
+    w, r, o = cls.branch.segment, cls.branch.rate, cls.offset
+    earlier = [(w_e, r_e, torch.tensor(o_e, device=device)) for w_e, r_e, o_e in cls.branch.earlier]
+
+    def mask_mod(b, h, i, j):
+        keep = (j <= i) | (not causal)
+        p, t = b * w + o + i * r, b * w + o + j * r
+        for w_e, r_e, o_e in earlier:
+            oe = o_e[h]
+            keep = keep & ~((p // w_e == t // w_e) & ((p % w_e) % r_e == oe) & ((t % w_e) % r_e == oe))
+        return keep
+
+    return mask_mod
+
+
+def _folded_flex(q, k, v, cls: HeadClass, local, causal: bool, scale: float, split_heads: bool):
+    """Flex on the class's folded views of q, k, v (1, H, C, W, D): out (1, n, N/r, D), lse (1, n, N/r).
+
+    ``split_heads``: one call per head, so that the offsets inside the kernel stay below 2**31 elements (flex
+    indexes with int32; the head's base address is a host-side pointer)."""
+    r, w = cls.branch.rate, cls.branch.segment
+    qc = _folded_view(q, cls.q_heads, w, r, cls.offset)
+    kc, vc = (_folded_view(x, cls.kv_heads, w, r, cls.offset) for x in (k, v))
+    L = qc.shape[2]
+    mask = BlockMask((L, L), *local, BLOCK_SIZE=(BLOCK_SIZE, BLOCK_SIZE), mask_mod=_segment_mask_mod(cls, causal, q.device))
+    calls = [(qc, kc, vc)]
+    if split_heads:
+        group = qc.shape[1] // kc.shape[1]
+        calls = [(qc[:, h : h + 1], kc[:, h // group : h // group + 1], vc[:, h // group : h // group + 1]) for h in range(qc.shape[1])]
+    outs, lses = [], []
+    for qh, kh, vh in calls:
+        out, aux = flex_attention(
+            qh, kh, vh, block_mask=mask, scale=scale, enable_gqa=qh.shape[1] != kh.shape[1], return_aux=AuxRequest(lse=True)
+        )
+        outs.append(out)
+        lses.append(aux.lse)
+    out, lse = (torch.cat(x, dim=1) if len(x) > 1 else x[0] for x in (outs, lses))
+    return out.transpose(0, 1).flatten(1, 2)[None], lse.transpose(0, 1).flatten(1, 2)[None]
+
+
+def _strided_attention(q, k, v, classes: tuple[HeadClass, ...], tables, table_index, causal: bool, scale: float,
+                       split_heads: bool, out: torch.Tensor | None = None):
+    """q (B, H, C, W, D), k, v (B, Hkv, C, W, D) -> (out (B, H, N, D), lse (B, H, N), *merge weights).
+
+    With ``out`` given (inference in slabs), the result is written into it. The merge weights are returned only
+    so that Inductor computes them once per row: inlined into the output kernel they cost an exp per element
+    (2.25 -> 1.40 ms at N = 2**20, `perf/NOTES.md`)."""
+    B, H, C, W, D = q.shape
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    by_pattern: dict[tuple[int, int], list] = {}
+    for cls, index in zip(classes, table_index):
+        parts = [
+            _folded_flex(q[b : b + 1], k[b : b + 1], v[b : b + 1], cls, tables[index], causal, scale, split_heads)
+            for b in range(B)
+        ]
+        o, lse = (torch.cat(x) if B > 1 else x[0] for x in zip(*parts))
+        by_pattern.setdefault((cls.branch.segment, cls.branch.rate), []).append((cls, o, lse))
+    lses, outs = [], []
+    for (_, r), parts in by_pattern.items():
+        place = _place_all if _is_all([(c, None) for c, _, _ in parts], H, r) else _place
+        lses.append(place([(c, lse.to(acc)) for c, _, lse in parts], H, r, float("-inf")))
+        outs.append(place([(c, o) for c, o, _ in parts], H, r, 0.0))
+    lse = merge_lse(lses)
+    weights = [merge_weight(part, lse) for part in lses]
+    merged = sum(weight[..., None] * o.to(acc) for o, weight in zip(outs, weights)).to(q.dtype)
+    if out is None:
+        return merged, lse, *weights
+    out.copy_(merged)
+    return out, lse, *weights
+
+
+_compiled = torch.compile(_strided_attention, fullgraph=True)
+SLAB_ELEMENTS = 2**27  # inference: elements of q per slab of chunks (peak memory: one slab's class outputs)
+
+
+def strided_attention(q, k, v, spec: DilatedSpec, classes: tuple[HeadClass, ...], scale: float):
+    """`dilated_attention` on the strided route (the caller checked `strided_classes`): one compiled call, or,
+    when no gradient is needed, one per slab of about SLAB_ELEMENTS elements of q (whole chunks)."""
+    B, H, N, D = q.shape
+    W = max(spec.segment_lengths)
+    chunks = [x.unflatten(2, (N // W, W)) for x in (q, k, v)]
+    tables, table_index = _tables(classes, spec.causal, q.device)
+    args = classes, tables, table_index, spec.causal, scale, max(q.numel(), k.numel()) > MAX_ELEMENTS
+    if torch.compiler.is_compiling():
+        return _strided_attention(*chunks, *args)[:2]
+    slab = max(1, SLAB_ELEMENTS // (B * H * W * D))
+    needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
+    if needs_grad or slab >= N // W:
+        for x in chunks:
+            torch._dynamo.maybe_mark_dynamic(x, 2)  # the chunk count: one kernel for every N = C * W
+        return _compiled(*chunks, *args)[:2]
+    out, lse = q.new_empty(B, H, N, D), q.new_empty(B, H, N, dtype=torch.float32)
+    for a in range(0, N // W, slab):
+        part = [x[:, :, a : a + slab] for x in chunks]
+        for x in part:
+            torch._dynamo.maybe_mark_dynamic(x, 2)
+        _, lse[:, :, a * W : (a + slab) * W] = _compiled(*part, *args, out=out[:, :, a * W : (a + slab) * W])[:2]
+    return out, lse
+
+
+@traced_cache(maxsize=256)
+def _tables(classes: tuple[HeadClass, ...], causal: bool, device: torch.device):
+    """The distinct block tables of the classes, and which one each class uses."""
+    branches = [_table_branch(c) for c in classes]
+    distinct = list(dict.fromkeys(branches))
+    return tuple(_local_tables(b, causal, device) for b in distinct), tuple(distinct.index(b) for b in branches)
