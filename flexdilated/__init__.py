@@ -1,8 +1,8 @@
 """flexdilated: LongNet's dilated attention as FlexAttention block masks compiled into fused kernels."""
 
 from .attention import dilated_attention, dilated_attention_step
-from .models import LongNetLM
-from .modules import DilatedAttention, MultiheadDilatedAttention
+from .models import LongNet, LongNetEncoder, LongNetLM
+from .modules import DilatedAttention, MultiheadCrossAttention, MultiheadDilatedAttention
 from .positions import RotaryEmbedding
 from .picture import save_mask_png
 from .reference import dilated_mask, reference_dilated_attention
@@ -17,7 +17,10 @@ __all__ = [
     "save_mask_png",
     "DilatedAttention",
     "MultiheadDilatedAttention",
+    "MultiheadCrossAttention",
     "RotaryEmbedding",
     "LongNetLM",
+    "LongNetEncoder",
+    "LongNet",
 ]
 __version__ = "0.1.0"

@@ -76,7 +76,7 @@ class _MathAttention(torch.autograd.Function):
         step = max(1, SLAB_SCORES // max(H * L * L, 1))
         out = torch.empty_like(q)
         lse = torch.empty(Bf, H, L, dtype=torch.float64 if q.dtype == torch.float64 else torch.float32, device=q.device)
-        for a in range(0, Bf, step):
+        for a in _slab_starts(Bf, step):
             z = min(a + step, Bf)
             if use_flex:
                 bm = BlockMask.from_kv_blocks(
@@ -111,7 +111,7 @@ class _MathAttention(torch.autograd.Function):
             dout = torch.zeros_like(out)
         if dlse is None:
             dlse = torch.zeros_like(lse)
-        for a in range(0, Bf, ctx.step):
+        for a in _slab_starts(Bf, ctx.step):
             z = min(a + ctx.step, Bf)
             qs, ks, vs, do = (_working(x[a:z]) for x in (q, k, v, dout))
             s = _scores(qs, ks, _keep(ctx.mask_mod, a, z, H, L, q.device), ctx.scale)
@@ -123,6 +123,12 @@ class _MathAttention(torch.autograd.Function):
             dq[a:z] = (ds @ ks) * ctx.scale
             dk[a:z] = (ds.transpose(-1, -2) @ qs) * ctx.scale
         return dq, dk, dv, None, None, None
+
+
+def _slab_starts(total: int, step: int):
+    """``range(0, total, step)``, but one slab written without a loop when it covers everything: a loop over a
+    symbolic batch size makes Dynamo guard on its exact value (a recompile per N)."""
+    return (0,) if total <= step else range(0, total, step)
 
 
 def _shifted(mask_mod: MaskMod, start: int) -> MaskMod:

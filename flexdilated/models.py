@@ -1,9 +1,20 @@
 """LongNet models assembled from `MultiheadDilatedAttention`.
 
-`LongNetLM`: the decoder-only causal LM of the paper. Pre-LN blocks with MAGNETO's sub-LayerNorms (inside the
-attention before its output projection, inside the feed-forward before its second linear) and its init gain
-``sqrt(log(2 * depth))`` on the value/output projections and the feed-forward weights; RoPE positions by default,
-XPOS (the paper's) with ``position="xpos"`` for sequences up to ≈36k tokens (`positions.py`).
+`LongNetLM`: the decoder-only causal LM of the paper. `LongNetEncoder`: the bidirectional stack, for embeddings or
+classification. `LongNet`: encoder–decoder (dilated self-attention on both sides, dense cross-attention).
+
+All are stacks of pre-LN `Block`s with MAGNETO's sub-LayerNorms (Wang et al., 2022, "Foundation Transformers",
+arXiv:2210.06423; inside the attention before its output projection, inside the feed-forward before its second
+linear) and its init: Xavier-normal scaled by a gain γ on the value/output projections and the feed-forward
+weights. γ depends on the architecture (MAGNETO Fig. 2; torchscale ``Encoder``/``Decoder`` with ``subln``), with N
+encoder and M decoder layers:
+
+    decoder-only (LongNetLM), encoder-only (LongNetEncoder)   γ = sqrt(log(2·depth))
+    encoder of an encoder–decoder (LongNet)                   γ = sqrt(log(3M) · log(2N) / 3)
+    decoder of an encoder–decoder (LongNet)                   γ = sqrt(log(3M)); cross-attention γ = 1
+
+RoPE positions by default, XPOS (the paper's) with ``position="xpos"`` in the causal LM for sequences up to ≈36k
+tokens (`positions.py`).
 """
 
 from __future__ import annotations
@@ -15,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .modules import MultiheadDilatedAttention
+from .modules import MultiheadCrossAttention, MultiheadDilatedAttention, _positive_int
 from .positions import RotaryEmbedding
 
 
@@ -35,25 +46,106 @@ class FeedForward(nn.Module):
         return self.fc2(self.norm(h))
 
 
-class DecoderBlock(nn.Module):
-    """``x + attn(LN(x))`` then ``x + ffn(LN(x))``, the attention causal and dilated."""
+class Block(nn.Module):
+    """Pre-LN block: ``x + attn(LN(x))``, with ``cross`` then ``x + cross(LN(x), memory)``, then ``x + ffn(LN(x))``.
 
-    def __init__(self, dim, num_heads, segment_lengths, dilation_rates, *, ff_mult, dropout, gain, rotary, **attn):
+    ``attn`` is dilated self-attention (causal or not, ``key_padding_mask`` on its keys, or ``decode`` with a KV
+    cache); ``cross`` is dense attention to ``memory`` (the encoder's output), ``memory_padding_mask`` on its keys.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        segment_lengths,
+        dilation_rates,
+        *,
+        causal: bool,
+        cross: bool = False,
+        ff_mult: int,
+        dropout: float,
+        gain: float,
+        rotary: RotaryEmbedding | None,
+        **attn,
+    ) -> None:
         super().__init__()
+        self.causal = causal
         self.attn_norm, self.ff_norm = nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.attn = MultiheadDilatedAttention(
             dim, num_heads, segment_lengths, dilation_rates, dropout=dropout, gamma_init=gain, rotary=rotary, **attn
         )
         self.ff = FeedForward(dim, ff_mult * dim, dropout, gain)
+        self.cross_norm = nn.LayerNorm(dim) if cross else None
+        self.cross = MultiheadCrossAttention(dim, num_heads, dropout=dropout) if cross else None
 
-    def forward(self, x: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        key_padding_mask: torch.Tensor | None = None,
+        memory: torch.Tensor | None = None,
+        memory_padding_mask: torch.Tensor | None = None,
+        cache: dict | None = None,
+    ) -> torch.Tensor:
         h = self.attn_norm(x)
-        x = x + (self.attn(h, h, h, is_causal=True)[0] if cache is None else self.attn.decode(h, cache))
+        if cache is None:
+            x = x + self.attn(h, h, h, key_padding_mask=key_padding_mask, is_causal=self.causal)[0]
+        else:
+            x = x + self.attn.decode(h, cache)
+        if self.cross is not None:
+            x = x + self.cross(self.cross_norm(x), memory, memory_padding_mask)
         return x + self.ff(self.ff_norm(x))
 
 
+def _run_blocks(blocks: nn.ModuleList, x: torch.Tensor, checkpointing: bool, **kwargs) -> torch.Tensor:
+    """``x`` through the blocks; with ``checkpointing`` each block's activations are recomputed in backward."""
+    for block in blocks:
+        x = checkpoint(block, x, use_reentrant=False, **kwargs) if checkpointing else block(x, **kwargs)
+    return x
+
+
+def _embedding(num: int, dim: int) -> nn.Embedding:
+    embed = nn.Embedding(num, dim)
+    nn.init.normal_(embed.weight, std=dim**-0.5)
+    return embed
+
+
+def _check_model_args(dim: int, num_heads: int, **sizes: int) -> None:
+    for name, value in dict(sizes, dim=dim, num_heads=num_heads).items():
+        _positive_int(name, value)
+    if dim % num_heads:
+        raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
+
+
+def _check_tokens(name: str, tokens: torch.Tensor) -> None:
+    if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.dtype not in (torch.int32, torch.int64):
+        raise ValueError(
+            f"{name} must be an int tensor (B, N), got {tuple(getattr(tokens, 'shape', ()))} "
+            f"{getattr(tokens, 'dtype', type(tokens).__name__)}"
+        )
+
+
+def _check_padding_mask(name: str, mask: torch.Tensor | None, tokens: torch.Tensor) -> None:
+    if mask is not None and (
+        not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.shape != tokens.shape
+    ):
+        raise ValueError(
+            f"{name} must be a bool tensor shaped like its tokens {tuple(tokens.shape)} (True = padding), "
+            f"got {getattr(mask, 'dtype', type(mask).__name__)} {tuple(getattr(mask, 'shape', ()))}"
+        )
+
+
+def _rotary(position: str | None, head_dim: int, causal: bool) -> RotaryEmbedding | None:
+    allowed = ("xpos", "rope", None) if causal else ("rope", None)
+    if position not in allowed:
+        why = " (XPOS's decay assumes keys before the query: causal attention only)" if position == "xpos" else ""
+        raise ValueError(f"position must be one of {allowed}, got {position!r}{why}")
+    return None if position is None else RotaryEmbedding(head_dim, xpos=position == "xpos")
+
+
 class LongNetLM(nn.Module):
-    """Decoder-only causal LM: ``forward(tokens (B, N)) -> logits (B, N, vocab)``; `loss`, `generate`."""
+    """Decoder-only causal LM: ``forward(tokens (B, N)) -> logits (B, N, vocab)``; `loss`, `generate`.
+
+    ``head(LN(blocks(embed(tokens))))``, causal dilated self-attention, MAGNETO gain ``sqrt(log(2 · depth))``."""
 
     def __init__(
         self,
@@ -74,21 +166,14 @@ class LongNetLM(nn.Module):
         overlap: str = "multiset",
     ) -> None:
         super().__init__()
-        for name, value in (("vocab_size", vocab_size), ("dim", dim), ("depth", depth)):
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if position not in ("xpos", "rope", None):
-            raise ValueError(f"position must be 'xpos', 'rope' or None, got {position!r}")
-        if dim % num_heads:
-            raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
-        rotary = None if position is None else RotaryEmbedding(dim // num_heads, xpos=position == "xpos")
+        _check_model_args(dim, num_heads, vocab_size=vocab_size, depth=depth)
+        rotary = _rotary(position, dim // num_heads, causal=True)
         gain = math.sqrt(math.log(2 * depth))
-        self.embed = nn.Embedding(vocab_size, dim)
-        nn.init.normal_(self.embed.weight, std=dim**-0.5)
+        self.embed = _embedding(vocab_size, dim)
         self.blocks = nn.ModuleList(
-            DecoderBlock(
-                dim, num_heads, segment_lengths, dilation_rates, ff_mult=ff_mult, dropout=dropout, gain=gain,
-                rotary=rotary, num_kv_heads=num_kv_heads, heads=heads, overlap=overlap,
+            Block(
+                dim, num_heads, segment_lengths, dilation_rates, causal=True, ff_mult=ff_mult, dropout=dropout,
+                gain=gain, rotary=rotary, num_kv_heads=num_kv_heads, heads=heads, overlap=overlap,
             )
             for _ in range(depth)
         )
@@ -99,11 +184,8 @@ class LongNetLM(nn.Module):
         self.checkpointing = checkpointing
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        if tokens.dim() != 2 or tokens.dtype not in (torch.int32, torch.int64):
-            raise ValueError(f"tokens must be an int tensor (B, N), got {tuple(tokens.shape)} {tokens.dtype}")
-        x = self.embed(tokens)
-        for block in self.blocks:
-            x = checkpoint(block, x, use_reentrant=False) if self.checkpointing and self.training else block(x)
+        _check_tokens("tokens", tokens)
+        x = _run_blocks(self.blocks, self.embed(tokens), self.checkpointing and self.training)
         return self.head(self.norm(x))
 
     def loss(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -143,5 +225,152 @@ class LongNetLM(nn.Module):
         """Logits of ``tokens`` (B, n) following the cached ones (the whole prompt first, then one at a time)."""
         x = self.embed(tokens)
         for block, cache in zip(self.blocks, caches):
-            x = block(x, cache)
+            x = block(x, cache=cache)
         return self.head(self.norm(x))
+
+
+class LongNetEncoder(nn.Module):
+    """Bidirectional LongNet encoder: ``forward(tokens (B, N), key_padding_mask=None) -> hidden (B, N, dim)``.
+
+    ``LN(blocks(embed(tokens)))``, each block ``x + attn(LN(x))``, ``x + ffn(LN(x))`` with non-causal dilated
+    self-attention. ``key_padding_mask`` (B, N) bool, True where a token is padding: padding is no key of any
+    attention, so the states of the real tokens do not depend on it (the states at padded positions mean nothing).
+    MAGNETO gain ``gamma_init``, by default ``sqrt(log(2 · depth))`` (encoder-only); `LongNet` passes its
+    encoder–decoder gain. Positions: RoPE or none (XPOS's decay assumes keys before the query, i.e. causal).
+
+    Embeddings and classification: pool the states of the real tokens, e.g. the masked mean
+    ``(h * keep[..., None]).sum(1) / keep.sum(1, keepdim=True)`` with ``keep = ~key_padding_mask`` (or ``h.mean(1)``
+    without padding), or the state of a leading [CLS] token ``h[:, 0]``, and put ``nn.Linear(dim, classes)`` on it.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        dim: int,
+        depth: int,
+        num_heads: int,
+        segment_lengths,
+        dilation_rates,
+        *,
+        num_kv_heads: int | None = None,
+        ff_mult: int = 4,
+        dropout: float = 0.0,
+        position: str | None = "rope",
+        heads: str = "all",
+        overlap: str = "multiset",
+        checkpointing: bool = False,
+        gamma_init: float | None = None,
+    ) -> None:
+        super().__init__()
+        _check_model_args(dim, num_heads, vocab_size=vocab_size, depth=depth)
+        rotary = _rotary(position, dim // num_heads, causal=False)
+        gain = math.sqrt(math.log(2 * depth)) if gamma_init is None else gamma_init
+        self.embed = _embedding(vocab_size, dim)
+        self.blocks = nn.ModuleList(
+            Block(
+                dim, num_heads, segment_lengths, dilation_rates, causal=False, ff_mult=ff_mult, dropout=dropout,
+                gain=gain, rotary=rotary, num_kv_heads=num_kv_heads, heads=heads, overlap=overlap,
+            )
+            for _ in range(depth)
+        )
+        self.norm = nn.LayerNorm(dim)
+        self.checkpointing = checkpointing
+
+    def forward(self, tokens: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        _check_tokens("tokens", tokens)
+        _check_padding_mask("key_padding_mask", key_padding_mask, tokens)
+        x = _run_blocks(
+            self.blocks, self.embed(tokens), self.checkpointing and self.training, key_padding_mask=key_padding_mask
+        )
+        return self.norm(x)
+
+
+class LongNet(nn.Module):
+    """Encoder–decoder: ``forward(src (B, Ns), tgt (B, Nt), src_key_padding_mask=None) -> logits (B, Nt, tgt_vocab)``.
+
+    ``memory = LongNetEncoder(src)``; the decoder is ``head(LN(blocks(embed(tgt))))``, each block causal dilated
+    self-attention, dense cross-attention to ``memory`` (`MultiheadCrossAttention`: ``src_key_padding_mask`` keys
+    take no part in it) and the feed-forward: the structure of dilated-attention-pytorch's LongNet, with residual
+    connections, dense cross-attention (a dilated pattern relates positions of one sequence) and MAGNETO's
+    encoder–decoder gains (module docstring). ``tie_embeddings`` ties the decoder's input and output embeddings.
+    ``num_kv_heads`` (GQA), ``position`` (RoPE or none: XPOS is for the causal LM only), ``heads`` and ``overlap``
+    apply to the dilated self-attentions; ``checkpointing`` recomputes the activations of every block, encoder's and
+    decoder's, in backward.
+    """
+
+    def __init__(
+        self,
+        src_vocab_size: int,
+        tgt_vocab_size: int,
+        dim: int,
+        encoder_depth: int,
+        decoder_depth: int,
+        num_heads: int,
+        segment_lengths,
+        dilation_rates,
+        *,
+        num_kv_heads: int | None = None,
+        ff_mult: int = 4,
+        dropout: float = 0.0,
+        position: str | None = "rope",
+        tie_embeddings: bool = True,
+        checkpointing: bool = False,
+        heads: str = "all",
+        overlap: str = "multiset",
+    ) -> None:
+        super().__init__()
+        _check_model_args(
+            dim, num_heads, src_vocab_size=src_vocab_size, tgt_vocab_size=tgt_vocab_size,
+            encoder_depth=encoder_depth, decoder_depth=decoder_depth,
+        )
+        rotary = _rotary(position, dim // num_heads, causal=False)
+        attn = dict(num_kv_heads=num_kv_heads, heads=heads, overlap=overlap)
+        log_3m, log_2n = math.log(3 * decoder_depth), math.log(2 * encoder_depth)
+        self.encoder = LongNetEncoder(
+            src_vocab_size, dim, encoder_depth, num_heads, segment_lengths, dilation_rates, ff_mult=ff_mult,
+            dropout=dropout, position=position, gamma_init=math.sqrt(log_3m * log_2n / 3), **attn,
+        )
+        self.embed = _embedding(tgt_vocab_size, dim)
+        self.blocks = nn.ModuleList(
+            Block(
+                dim, num_heads, segment_lengths, dilation_rates, causal=True, cross=True, ff_mult=ff_mult,
+                dropout=dropout, gain=math.sqrt(log_3m), rotary=rotary, **attn,
+            )
+            for _ in range(decoder_depth)
+        )
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, tgt_vocab_size, bias=False)
+        if tie_embeddings:
+            self.head.weight = self.embed.weight
+        self.checkpointing = checkpointing
+
+    @property
+    def checkpointing(self) -> bool:
+        return self.encoder.checkpointing
+
+    @checkpointing.setter
+    def checkpointing(self, value: bool) -> None:
+        self.encoder.checkpointing = value
+
+    def forward(
+        self, src: torch.Tensor, tgt: torch.Tensor, src_key_padding_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        _check_tokens("src", src)
+        _check_tokens("tgt", tgt)
+        if tgt.shape[0] != src.shape[0]:
+            raise ValueError(f"src and tgt must have the same batch size, got {src.shape[0]} and {tgt.shape[0]}")
+        _check_padding_mask("src_key_padding_mask", src_key_padding_mask, src)
+        memory = self.encoder(src, src_key_padding_mask)
+        x = _run_blocks(
+            self.blocks, self.embed(tgt), self.checkpointing and self.training,
+            memory=memory, memory_padding_mask=src_key_padding_mask,
+        )
+        return self.head(self.norm(x))
+
+    def loss(
+        self, src: torch.Tensor, tgt: torch.Tensor, src_key_padding_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Mean cross-entropy with teacher forcing: predict tgt[:, 1:] from src and tgt[:, :-1] (tgt starts with a
+        start token)."""
+        logits = self(src, tgt[:, :-1], src_key_padding_mask)
+        return F.cross_entropy(logits.flatten(0, 1).float(), tgt[:, 1:].flatten())

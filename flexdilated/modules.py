@@ -1,5 +1,6 @@
 """Thin modules over `dilated_attention`: `DilatedAttention` on (B, H, N, D) and `MultiheadDilatedAttention`, a
-drop-in for self-attention with ``nn.MultiheadAttention(batch_first=True)`` on (B, N, E).
+drop-in for self-attention with ``nn.MultiheadAttention(batch_first=True)`` on (B, N, E); and
+`MultiheadCrossAttention`, the dense attention from one sequence to another of an encoder–decoder.
 
 MultiheadDilatedAttention follows MAGNETO (Wang et al., 2022), as LongNet does: a LayerNorm on the attention
 output before the output projection (``sub_ln``), and Xavier-normal initialisation with gain ``gamma_init`` on the
@@ -177,4 +178,81 @@ class MultiheadDilatedAttention(nn.Module):
         else:
             out = dilated_attention(q, k, v, self.specs[True])
         cache["k"], cache["v"] = k, v
+        return self._output(out)
+
+
+class MultiheadCrossAttention(nn.Module):
+    """Dense multi-head attention of ``query`` (B, Nq, E) over ``memory`` (B, Nk, E), for encoder–decoders.
+
+    ``out_proj(LN(concat_h softmax(q_h k_hᵀ / sqrt(d)) v_h))`` with ``q = q_proj(query)``, ``k, v = k_proj(memory),
+    v_proj(memory)``: dilated patterns are defined within one sequence, so attention from one sequence to another
+    is dense, through ``F.scaled_dot_product_attention`` (flash or memory-efficient kernels on GPU). MAGNETO's
+    sub-LayerNorm sits before the output projection; the init is Xavier-normal with gain 1 on all projections
+    (torchscale's Decoder leaves ``encoder_attn`` out of the sub-LN gain). ``key_padding_mask`` (B, Nk) bool, True
+    where a memory token is padding: those keys take no part in the softmax (the mask goes to SDPA, which then runs
+    the memory-efficient kernel on GPU); a query whose memory is all padding gets attention 0 (as rows without keys
+    do in `dilated_attention`), never NaN, and passes no gradient to that memory. ``dropout`` applies to the
+    attention output before the sub-LayerNorm, in training mode, as in `MultiheadDilatedAttention`.
+    """
+
+    gamma_init = 1.0  # read by the shared reset_parameters
+
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        *,
+        dropout: float = 0.0,
+        bias: bool = True,
+        sub_ln: bool = True,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        self.embed_dim = _positive_int("embed_dim", embed_dim)
+        self.num_heads = _positive_int("num_heads", num_heads)
+        if embed_dim % num_heads:
+            raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+        self.dropout = dropout
+        factory = dict(device=device, dtype=dtype)
+        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (
+            nn.Linear(embed_dim, embed_dim, bias=bias, **factory) for _ in range(4)
+        )
+        self.norm = nn.LayerNorm(embed_dim, **factory) if sub_ln else None
+        self.reset_parameters()
+
+    reset_parameters = MultiheadDilatedAttention.reset_parameters
+    _output = MultiheadDilatedAttention._output
+
+    def forward(
+        self, query: torch.Tensor, memory: torch.Tensor, key_padding_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        for name, x in (("query", query), ("memory", memory)):
+            if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.embed_dim:
+                raise ValueError(f"{name} must be (B, N, {self.embed_dim}), got {getattr(x, 'shape', x)!r}")
+        if memory.shape[0] != query.shape[0] or memory.dtype != query.dtype:
+            raise ValueError(
+                f"memory must have the query's batch size and dtype ({query.shape[0]}, {query.dtype}), "
+                f"got ({memory.shape[0]}, {memory.dtype})"
+            )
+        q = rearrange(self.q_proj(query), "b n (h d) -> b h n d", h=self.num_heads)
+        k = rearrange(self.k_proj(memory), "b n (h d) -> b h n d", h=self.num_heads)
+        v = rearrange(self.v_proj(memory), "b n (h d) -> b h n d", h=self.num_heads)
+        if key_padding_mask is None:
+            out = F.scaled_dot_product_attention(q, k, v)
+        else:
+            if key_padding_mask.dtype != torch.bool or tuple(key_padding_mask.shape) != tuple(memory.shape[:2]):
+                raise ValueError(
+                    f"key_padding_mask must be a bool tensor of the memory's (B, N) = {tuple(memory.shape[:2])} "
+                    f"(True = padding), got {key_padding_mask.dtype} {tuple(key_padding_mask.shape)}"
+                )
+            keep = ~key_padding_mask
+            any_key = keep.any(dim=-1, keepdim=True)  # (B, 1)
+            # a batch row without keys attends to all of them (no empty softmax, no NaN) and its output is zeroed:
+            # the result and every gradient are exactly those of "no keys: output 0"
+            allowed = (keep | ~any_key)[:, None, None, :]
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+            out = out.masked_fill(~any_key[:, :, None, None], 0.0)
         return self._output(out)

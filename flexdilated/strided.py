@@ -250,6 +250,14 @@ def strided_attention(q, k, v, spec: DilatedSpec, classes: tuple[HeadClass, ...]
 @traced_cache(maxsize=256)
 def _tables(classes: tuple[HeadClass, ...], causal: bool, device: torch.device):
     """The distinct block tables of the classes, and which one each class uses."""
-    branches = [_table_branch(c) for c in classes]
-    distinct = list(dict.fromkeys(branches))
-    return tuple(_local_tables(b, causal, device) for b in distinct), tuple(distinct.index(b) for b in branches)
+    distinct: list[Branch] = []
+    keys: list[tuple] = []  # plain tuples: Dynamo compares these, not dataclass instances
+    index = []
+    for cls in classes:
+        b = _table_branch(cls)
+        key = (b.segment, b.rate, b.heads, b.offsets, b.earlier)
+        if key not in keys:
+            keys.append(key)
+            distinct.append(b)
+        index.append(keys.index(key))
+    return tuple(_local_tables(b, causal, device) for b in distinct), tuple(index)

@@ -95,3 +95,17 @@ def test_which_specs_take_the_strided_route(spec, N):
     W = max(spec.segment_lengths)
     expected = N % W == 0 and all(W % w == 0 and w % r == 0 and (w // r) % 128 == 0 for w, r in spec.patterns)
     assert taken == expected
+
+
+def test_traced_inside_a_user_compile():
+    """Under a user's torch.compile(fullgraph=True) the route is traced in place (CUDA runs it this way)."""
+    from flexdilated.strided import strided_attention
+
+    spec = DilatedSpec((128, 256, 512), (1, 2, 4), causal=True)
+    q, k, v = (torch.randn(2, 8, 1024, 16, dtype=torch.float64) for _ in range(3))
+
+    def f(q, k, v):
+        return strided_attention(q * 2, k, v, spec, strided_classes(q, k, spec), 0.5)[0]
+
+    out = torch.compile(f, fullgraph=True, backend="eager")(q, k, v)
+    torch.testing.assert_close(out, reference_dilated_attention(q * 2, k, v, spec, scale=0.5), rtol=1e-10, atol=1e-10)
