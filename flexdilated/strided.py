@@ -219,7 +219,10 @@ def _strided_attention(q, k, v, classes: tuple[HeadClass, ...], tables, table_in
 
 
 _compiled = torch.compile(_strided_attention, fullgraph=True)
-SLAB_ELEMENTS = 2**27  # inference: elements of q per slab of chunks (peak memory: one slab's class outputs)
+# Inference: elements of q per slab of chunks. Slabs bound the extra memory to one slab's class outputs but cost
+# time (W1 at N = 2**20 in slabs of 2**27: 35.6 ms, peak 1.13 x q,k,v,out; one call: 22.4 ms, 1.46 x), so they start
+# past 2**29 elements (1M tokens at H * D = 512), where memory, not time, is what runs out.
+SLAB_ELEMENTS = 2**29
 
 
 def strided_attention(q, k, v, spec: DilatedSpec, classes: tuple[HeadClass, ...], scale: float):

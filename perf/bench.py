@@ -144,7 +144,7 @@ def run_one(impl: str, w: Workload, N: int, mode: str, reps: int):
 
     else:
         q, k, v = (torch.randn(shape_q, device="cuda", dtype=torch.bfloat16, requires_grad=mode != "fwd") for _ in range(3))
-        grad = torch.randn(shape_q, device="cuda", dtype=torch.bfloat16)
+        grad = torch.randn(shape_q, device="cuda", dtype=torch.bfloat16) if mode != "fwd" else None
         call = {
             "flexdilated": lambda: dilated_attention(q, k, v, w.spec),
             "naive_pipeline": lambda: naive_pipeline(q, k, v, w.spec),
