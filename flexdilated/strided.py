@@ -1,21 +1,20 @@
 """The fast CUDA route: every (pattern, head-offset class) is a strided view of q, k, v. No gathers, no copies.
 
 The heads of a branch that share an offset ``o`` form a *class*. When they are an arithmetic progression
-``h0 + a*step`` and the pattern has ``w % r == 0``, the class's rows ``m = 0 .. N/r - 1`` are the tokens
-``o + m*r``: a view ``x[:, h0::step].unflatten(N, (N/r, r))[..., o, :]`` of shape (B, n, N/r, D) in any layout.
-Segment ``s`` of the pattern is rows ``s*L .. (s+1)*L - 1`` (``L = w/r``), so the pattern is a block-diagonal
-mask of L-row blocks in the view (SPEC §1: ``p // w == t // w``, and p, t share the class's offset)::
+``h0 + a*step`` and the pattern has ``w % r == 0``, row ``i`` of segment ``s`` of the class is token
+``s*w + o + i*r``: for one batch entry, ``x[b, h0::step]`` unflattened to (n, S, w/r, r, D) and indexed at ``o``
+is a view (S, n, L = w/r, D) in any memory layout, the segments in flex's batch dimension. In it the pattern is
+dense (SPEC §1: ``p // w == t // w`` and p, t share the class's offset)::
 
-    keep(m, m') = m // L == m' // L  and  (m' <= m or not causal)  and  not excluded(o + m*r, o + m'*r)
+    keep(s, i, j) = (j <= i  or  not causal)  and  not excluded(s*w + o + i*r, s*w + o + j*r)
 
-with ``excluded`` the pairs an earlier pattern claims under ``overlap="set"`` (`spec.Branch.earlier`). With L a
-multiple of the 128-token block, the block tables of one segment (`masks._block_tables`) tile the diagonal: the
-tables are O(N/128 · L/128), built inside the graph from N.
+with ``excluded`` the pairs an earlier pattern claims under ``overlap="set"`` (`spec.Branch.earlier`). The block
+tables of one segment (`masks._block_tables`) serve every segment and every N.
 
 One compiled function runs every class's flex call, puts the class outputs and LSEs back in natural order
-(select/slice-scatter, which Inductor fuses into the merge) and merges the patterns by LSE (`merge.py`).
-Its input is q, k, v viewed as (B, H, C, W, D) with C chunks of the largest segment W: the chunk count is the one
-dynamic size, so one compilation serves every N that is a multiple of W.
+(`_place_all`: a concatenation Inductor turns into masked loads) and merges the patterns by LSE (`merge.py`) in
+one fused kernel. Its input is q, k, v viewed as (B, H, C, W, D) with C chunks of the largest segment W: the chunk
+count is the one dynamic size, so one compilation serves every N that is a multiple of W.
 """
 
 from __future__ import annotations
@@ -130,10 +129,11 @@ def _place_all(parts: list[tuple[HeadClass, torch.Tensor]], num_heads: int, rate
     return torch.where(keep, x.unsqueeze(3), fill).flatten(2, 3)
 
 
-def _is_all(parts, num_heads: int, rate: int) -> bool:
+def _is_all(classes: list[HeadClass], num_heads: int, rate: int) -> bool:
+    """Whether the classes are ``c, c + r, ...`` with offset c, for c = 0 .. r-1 (heads="all", r | H)."""
     full = [(c, c + num_heads - rate + 1, rate) for c in range(rate)]
-    return num_heads % rate == 0 and sorted(c.q_heads for c, _ in parts) == full and all(
-        c.offset == c.q_heads[0] for c, _ in parts
+    return num_heads % rate == 0 and sorted(c.q_heads for c in classes) == full and all(
+        c.offset == c.q_heads[0] for c in classes
     )
 
 
@@ -206,7 +206,7 @@ def _strided_attention(q, k, v, classes: tuple[HeadClass, ...], tables, table_in
         by_pattern.setdefault((cls.branch.segment, cls.branch.rate), []).append((cls, o, lse))
     lses, outs = [], []
     for (_, r), parts in by_pattern.items():
-        place = _place_all if _is_all([(c, None) for c, _, _ in parts], H, r) else _place
+        place = _place_all if _is_all([c for c, _, _ in parts], H, r) else _place
         lses.append(place([(c, lse.to(acc)) for c, _, lse in parts], H, r, float("-inf")))
         outs.append(place([(c, o) for c, o, _ in parts], H, r, 0.0))
     lse = merge_lse(lses)
