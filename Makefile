@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
 
-# trains a small LongNetLM to retrieve a passkey across 8,192 tokens (CPU, about 4 minutes on 2 cores)
+# trains a small LongNetLM to retrieve a passkey across 8,192 tokens (CPU, about 2 minutes on 2 cores)
 demo: $(VENV)/.installed
 	$(PY) examples/train_lm.py
 

@@ -24,7 +24,7 @@ import train_lm  # noqa: E402
 def parse(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--ckpt", default="out/train_lm/ckpt.pt")
-    p.add_argument("--prompts", type=int, default=4)
+    p.add_argument("--prompts", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=3, help="the answer digit, then filler (unpredictable)")
     p.add_argument("--seed", type=int, default=1234, help="prompts: not the training or the held-out sequences")
     p.add_argument("--device", default="cpu")
@@ -41,8 +41,8 @@ def main(argv=None) -> dict:
     print(f"{args.ckpt}: step {ckpt['step']}, N = {task.seq_len:,}, a {task.digits}-digit passkey")
     gen = torch.Generator().manual_seed(args.seed)
     haystack = task.batch(args.prompts, gen)
-    haystack[:, task.query_start :] = torch.randint(10, 10 + task.words, (args.prompts, task.seq_len + 1 - task.query_start),
-                                                    generator=gen)  # filler only after the passkey: no earlier queries
+    after = (args.prompts, task.seq_len + 1 - task.query_start)  # filler only after the passkey: no earlier queries
+    haystack[:, task.query_start :] = torch.randint(10, 10 + task.words, after, generator=gen)
     at = (haystack == task.mark).float().argmax(1) + 1  # where each passkey starts
     key = torch.stack([haystack[i, at[i] : at[i] + 2 * task.digits : 2] for i in range(args.prompts)])
     cell = task.seq_len - task.cell  # the last whole cell before the end
@@ -58,13 +58,15 @@ def main(argv=None) -> dict:
     for i in range(args.prompts):
         names = lambda ts: " ".join(task.name(int(t)) for t in ts)  # noqa: E731
         tail = " | ".join(names(out[i, prompt.shape[1] :]) for prompt, out in outputs)
-        print(f"prompt {i}: passkey '{names(haystack[i, at[i] - 1 : at[i] + 2 * task.digits - 1])}' at token {int(at[i]):,}, "
+        passkey = names(haystack[i, at[i] - 1 : at[i] + 2 * task.digits - 1])
+        print(f"prompt {i}: passkey '{passkey}' at token {int(at[i]):,}, "
               f"queries ?0..?{task.digits - 1} at {cell:,}+2j ({cell - int(at[i]):,} tokens later): expected "
               f"{names(key[i])}, generated {names(got[i])} {'ok' if torch.equal(key[i], got[i]) else 'WRONG'}   "
               f"(continuations: {tail})")
     accuracy = (got == key).float().mean().item()
-    print(f"accuracy {accuracy:.1%} over {key.numel()} answers (chance 10%); {args.prompts * task.digits} generate "
-          f"calls of {args.max_new_tokens} tokens after a {cell:,}-token prompt in {seconds:.1f} s")
+    lengths = f"{outputs[0][0].shape[1]:,}" + (f"-{outputs[-1][0].shape[1]:,}" if len(outputs) > 1 else "")
+    print(f"accuracy {accuracy:.1%} over {key.numel()} answers (chance 10%); {len(outputs)} generate calls "
+          f"({args.prompts} prompts of {lengths} tokens each, {args.max_new_tokens} new tokens) in {seconds:.1f} s")
     return {"outputs": outputs, "expected": key, "generated": got, "accuracy": accuracy, "model": model, "task": task}
 
 
