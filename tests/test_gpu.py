@@ -136,3 +136,35 @@ def test_forward_memory_is_bounded_by_slabs(monkeypatch):
     # the slabbed inference computes what one call with autograd computes
     one_call = dilated_attention(q.requires_grad_(), k, v, spec).detach()
     assert rel(out, one_call) < 5e-3, rel(out, one_call)
+
+
+def test_longnet_lm_compiles_once_per_length_on_cuda():
+    """A user's ``torch.compile(LongNetLM, fullgraph=True)`` with Inductor on CUDA (bf16 autocast): training steps
+    equal eager, three steps at N = 2W compile once, N = 3W recompiles once with N symbolic, 4W and 6W reuse it."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    from flexdilated import LongNetLM
+
+    W = 2048
+    torch.manual_seed(0)
+    model = LongNetLM(256, 128, 2, 8, (512, 1024, W), (1, 2, 4)).cuda()  # w / r = 512: the strided route
+    counter = CompileCounterWithBackend("inductor")
+    compiled = torch.compile(model, fullgraph=True, backend=counter)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    counts = []
+    for k in (2, 2, 2, 3, 4, 6):
+        tokens = torch.randint(0, 256, (2, k * W + 1), device="cuda", generator=gen)
+        x, y = tokens[:, :-1], tokens[:, 1:].flatten()
+        with torch.autocast("cuda", torch.bfloat16):
+            logits = compiled(x)
+            with torch.no_grad():
+                eager = model(x)
+        assert rel(logits, eager) < 2e-2
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), y)
+        loss.backward()
+        assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+        opt.step()
+        opt.zero_grad()
+        counts.append(counter.frame_count)
+    assert counts == [1, 1, 1, 2, 2, 2]
