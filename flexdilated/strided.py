@@ -1,10 +1,10 @@
 """The fast CUDA route: every (pattern, head-offset class) is a strided view of q, k, v. No gathers, no copies.
 
 The heads of a branch that share an offset ``o`` form a *class*. When they are an arithmetic progression
-``h0 + a*step`` and the pattern has ``w % r == 0``, row ``i`` of segment ``s`` of the class is token
-``s*w + o + i*r``: for one batch entry, ``x[b, h0::step]`` unflattened to (n, S, w/r, r, D) and indexed at ``o``
-is a view (S, n, L = w/r, D) in any memory layout, the segments in flex's batch dimension. In it the pattern is
-dense (SPEC §1: ``p // w == t // w`` and p, t share the class's offset)::
+``h0 + a*step``, row ``i < L = ceil((w - o) / r)`` of segment ``s`` of the class is token ``s*w + o + i*r``: for
+one batch entry, ``x[b, h0::step]`` unflattened to (n, S, w, D) and sliced ``[:, :, o::r]`` is a view (S, n, L, D)
+in any memory layout, the segments in flex's batch dimension (``w % r`` need not be 0: the offsets then differ in L
+by one). In it the pattern is dense (SPEC §1: ``p // w == t // w`` and p, t share the class's offset)::
 
     keep(s, i, j) = (j <= i  or  not causal)  and  not excluded(s*w + o + i*r, s*w + o + j*r)
 
@@ -12,7 +12,7 @@ with ``excluded`` the pairs an earlier pattern claims under ``overlap="set"`` (`
 tables of one segment (`masks._block_tables`) serve every segment and every N.
 
 One compiled function runs every class's flex call, puts the class outputs and LSEs back in natural order
-(`_place_all`: a concatenation Inductor turns into masked loads) and merges the patterns by LSE (`merge.py`) in
+(`_place_all`: rows padded to ceil(w / r), concatenated, interleaved, cut to w: Inductor turns it into masked loads) and merges the patterns by LSE (`merge.py`) in
 one fused kernel. Its input is q, k, v viewed as (B, H, C, W, D) with C chunks of the largest segment W: the chunk
 count is the one dynamic size, so one compilation serves every N that is a multiple of W.
 """
@@ -24,11 +24,13 @@ from dataclasses import dataclass
 import torch
 from torch.nn.attention.flex_attention import AuxRequest, BlockMask, flex_attention
 
-from .masks import BLOCK_SIZE, _block_tables
+import torch.nn.functional as F
+
+from .masks import BLOCK_SIZE, _block_tables, counts
 from .merge import merge_lse, merge_weight
 from .spec import Branch, DilatedSpec, branches, traced_cache
 
-MAX_ELEMENTS = 2**31 - 1  # flex's int32 offsets: every tensor stays below this many elements
+INT32_ELEMENTS = 2**31  # flex and Inductor index with int32: one call's q spans at most this many elements
 
 
 @dataclass(frozen=True)
@@ -76,17 +78,46 @@ def head_classes(spec: DilatedSpec, num_heads: int, num_kv_heads: int) -> tuple[
 
 
 def strided_classes(q: torch.Tensor, k: torch.Tensor, spec: DilatedSpec) -> tuple[HeadClass, ...] | None:
-    """The classes if the strided route applies to these inputs, else None: every pattern has ``w % r == 0``,
-    ``w / r`` a multiple of the block size and ``w`` dividing the largest segment W, N a multiple of W, and
-    every tensor below 2**31 elements."""
+    """The classes if the strided route applies to these inputs, else None: every segment length divides the
+    largest one W, N is a multiple of W, and each class's heads (and kv heads) are an arithmetic progression."""
     W = max(spec.segment_lengths)
-    N = q.shape[2]
-    if N % W or max(q.numel(), k.numel()) > MAX_ELEMENTS:
+    B, H, N, D = q.shape
+    if N % W or any(W % w for w in spec.segment_lengths):
         return None
-    for w, r in spec.patterns:
-        if w % r or (w // r) % BLOCK_SIZE or W % w:
-            return None
-    return head_classes(spec, q.shape[1], k.shape[1])
+    classes = head_classes(spec, H, k.shape[1])
+    if classes is None or _heads_per_call(classes, B, H, k.shape[1], N, D) is None:
+        return None
+    return classes
+
+
+def _heads_per_call(classes: tuple[HeadClass, ...], B: int, H: int, Hkv: int, N: int, D: int) -> int | None:
+    """Query heads per compiled call: all of them, or past 2**31 elements of q the most whose q, k, v and out of
+    one batch entry stay within int32 offsets and whose groups of heads all have the same classes (one compiled
+    graph serves them; groups that differ would make Dynamo turn the offsets symbolic). None if there is none."""
+    if B * H * N * D <= INT32_ELEMENTS:
+        return H
+    g = H // Hkv
+    for G in range(H - H % g, 0, -g):
+        if H % G == 0 and G * N * D <= INT32_ELEMENTS and len({_restrict(classes, h, h + G, g) for h in range(0, H, G)}) == 1:
+            return G
+    return None
+
+
+@traced_cache(maxsize=256)
+def _restrict(classes: tuple[HeadClass, ...], start: int, stop: int, group: int) -> tuple[HeadClass, ...]:
+    """The classes of query heads ``start .. stop-1`` (kv heads ``start/group ..``), numbered from 0 (``start``
+    and ``stop`` multiples of the GQA ``group``: every kv head keeps all of its query heads)."""
+    out = []
+    for cls in classes:
+        b = cls.branch
+        at = [i for i, h in enumerate(b.heads) if start <= h < stop]
+        if at:
+            heads = [b.heads[i] - start for i in at]
+            earlier = tuple((w, r, tuple(o_e[i] for i in at)) for w, r, o_e in b.earlier)
+            sub = Branch(b.segment, b.rate, tuple(heads), tuple(b.offsets[i] for i in at), earlier)
+            kv = sorted({h // group for h in heads})
+            out.append(HeadClass(sub, cls.offset, _progression(heads), _progression(kv)))
+    return tuple(out)
 
 
 def _table_branch(cls: HeadClass) -> Branch:
@@ -99,34 +130,44 @@ def _table_branch(cls: HeadClass) -> Branch:
 
 @traced_cache(maxsize=256)
 def _local_tables(branch: Branch, causal: bool, device: torch.device) -> tuple[torch.Tensor, ...]:
-    """Block tables of one segment (kv and q directions, partial and full): (1, heads, L/128[, L/128]) each."""
-    L = branch.segment // branch.rate
+    """Block tables of one segment (kv and q directions, partial and full): (1, heads, L/128[, L/128]) each, with
+    L = ceil((w - o) / r) the rows of the branch's (one) offset."""
+    L = counts(branch, branch.segment)[0]
     tables = _block_tables(branch, branch.segment, L, causal, device, BLOCK_SIZE)
     mask = BlockMask.from_kv_blocks(*tables, BLOCK_SIZE=BLOCK_SIZE, seq_lengths=(L, L))
     return (mask.kv_num_blocks, mask.kv_indices, mask.full_kv_num_blocks, mask.full_kv_indices,
             mask.q_num_blocks, mask.q_indices, mask.full_q_num_blocks, mask.full_q_indices)
 
 
-def _place(parts: list[tuple[HeadClass, torch.Tensor]], num_heads: int, rate: int, fill: float) -> torch.Tensor:
-    """Class results (B, n, N/r, *E) back in natural order (B, H, N, *E); ``fill`` where the pattern reaches no row."""
-    B, _, M, *E = parts[0][1].shape
-    base = parts[0][1].new_full((B, num_heads, M, rate, *E), fill)
+def _rows(x: torch.Tensor, rows: int, fill: float) -> torch.Tensor:
+    """(B, n, S, L, *E) padded with ``fill`` to ``rows`` rows along L."""
+    E = x.dim() - 4
+    return x if x.shape[3] == rows else F.pad(x, (0, 0) * E + (0, rows - x.shape[3]), value=fill)
+
+
+def _place(parts: list[tuple[HeadClass, torch.Tensor]], num_heads: int, segment: int, rate: int, fill: float):
+    """Class results (B, n, S, L_o, *E) back in natural order (B, H, N, *E): row i of offset o is position
+    ``i*r + o`` of its segment, i.e. (B, H, S, ceil(w/r), r, *E) cut to w; ``fill`` where the pattern reaches no row."""
+    B, _, S, _, *E = parts[0][1].shape
+    rows = -(-segment // rate)
+    base = parts[0][1].new_full((B, num_heads, S, rows, rate, *E), fill)
     for cls, x in parts:
         start, stop, step = cls.q_heads
-        heads = base[:, start:stop:step].select_scatter(x, 3, cls.offset)
+        heads = base[:, start:stop:step].select_scatter(_rows(x, rows, fill), 4, cls.offset)
         base = base.slice_scatter(heads, 1, start, stop, step)
-    return base.flatten(2, 3)
+    return base.flatten(3, 4)[:, :, :, :segment].flatten(2, 3)
 
 
-def _place_all(parts: list[tuple[HeadClass, torch.Tensor]], num_heads: int, rate: int, fill: float) -> torch.Tensor:
+def _place_all(parts: list[tuple[HeadClass, torch.Tensor]], num_heads: int, segment: int, rate: int, fill: float):
     """`_place` for classes ``c, c + r, c + 2r, ...`` (c = 0 .. r-1, heads="all" with r | H): one concatenation,
     a head permutation and a diagonal select, which Inductor keeps in one pointwise kernel."""
-    x = torch.cat([x for _, x in sorted(parts, key=lambda p: p[0].offset)], dim=1)  # heads in (c, a) order
+    rows = -(-segment // rate)
+    x = torch.cat([_rows(x, rows, fill) for _, x in sorted(parts, key=lambda p: p[0].offset)], dim=1)  # (c, a) order
     x = x.unflatten(1, (rate, num_heads // rate)).transpose(1, 2).flatten(1, 2)  # natural head h = a*r + c
-    E = x.dim() - 3
+    E = x.dim() - 4
     h = torch.arange(num_heads, device=x.device)
-    keep = (h[:, None] % rate == torch.arange(rate, device=x.device)).view(1, num_heads, 1, rate, *(1,) * E)
-    return torch.where(keep, x.unsqueeze(3), fill).flatten(2, 3)
+    keep = (h[:, None] % rate == torch.arange(rate, device=x.device)).view(1, num_heads, 1, 1, rate, *(1,) * E)
+    return torch.where(keep, x.unsqueeze(4), fill).flatten(3, 4)[:, :, :, :segment].flatten(2, 3)
 
 
 def _is_all(classes: list[HeadClass], num_heads: int, rate: int) -> bool:
@@ -142,8 +183,7 @@ def _folded_view(x: torch.Tensor, heads: tuple[int, int, int], segment: int, rat
     start, stop, step = heads
     x = x[0, start:stop:step]  # (n, C, W, D)
     x = x.unflatten(2, (x.shape[2] // segment, segment)).flatten(1, 2)  # (n, S, w, D)
-    x = x.unflatten(2, (segment // rate, rate)).select(3, offset)  # (n, S, L, D)
-    return x.transpose(0, 1)
+    return x[:, :, offset::rate].transpose(0, 1)  # (S, n, L, D)
 
 
 def _segment_mask_mod(cls: HeadClass, causal: bool, device: torch.device):
@@ -162,33 +202,21 @@ def _segment_mask_mod(cls: HeadClass, causal: bool, device: torch.device):
     return mask_mod
 
 
-def _folded_flex(q, k, v, cls: HeadClass, local, causal: bool, scale: float, split_heads: bool):
-    """Flex on the class's folded views of q, k, v (1, H, C, W, D): out (1, n, N/r, D), lse (1, n, N/r).
-
-    ``split_heads``: one call per head, so that the offsets inside the kernel stay below 2**31 elements (flex
-    indexes with int32; the head's base address is a host-side pointer)."""
+def _folded_flex(q, k, v, cls: HeadClass, local, causal: bool, scale: float):
+    """Flex on the class's folded views of q, k, v (1, H, C, W, D): out (1, n, S, L, D), lse (1, n, S, L)."""
     r, w = cls.branch.rate, cls.branch.segment
     qc = _folded_view(q, cls.q_heads, w, r, cls.offset)
     kc, vc = (_folded_view(x, cls.kv_heads, w, r, cls.offset) for x in (k, v))
     L = qc.shape[2]
     mask = BlockMask((L, L), *local, BLOCK_SIZE=(BLOCK_SIZE, BLOCK_SIZE), mask_mod=_segment_mask_mod(cls, causal, q.device))
-    calls = [(qc, kc, vc)]
-    if split_heads:
-        group = qc.shape[1] // kc.shape[1]
-        calls = [(qc[:, h : h + 1], kc[:, h // group : h // group + 1], vc[:, h // group : h // group + 1]) for h in range(qc.shape[1])]
-    outs, lses = [], []
-    for qh, kh, vh in calls:
-        out, aux = flex_attention(
-            qh, kh, vh, block_mask=mask, scale=scale, enable_gqa=qh.shape[1] != kh.shape[1], return_aux=AuxRequest(lse=True)
-        )
-        outs.append(out)
-        lses.append(aux.lse)
-    out, lse = (torch.cat(x, dim=1) if len(x) > 1 else x[0] for x in (outs, lses))
-    return out.transpose(0, 1).flatten(1, 2)[None], lse.transpose(0, 1).flatten(1, 2)[None]
+    out, aux = flex_attention(
+        qc, kc, vc, block_mask=mask, scale=scale, enable_gqa=qc.shape[1] != kc.shape[1], return_aux=AuxRequest(lse=True)
+    )
+    return out.transpose(0, 1)[None], aux.lse.transpose(0, 1)[None]
 
 
 def _strided_attention(q, k, v, classes: tuple[HeadClass, ...], tables, table_index, causal: bool, scale: float,
-                       split_heads: bool, out: torch.Tensor | None = None):
+                       out: torch.Tensor | None = None):
     """q (B, H, C, W, D), k, v (B, Hkv, C, W, D) -> (out (B, H, N, D), lse (B, H, N), *merge weights).
 
     With ``out`` given (inference in slabs), the result is written into it. The merge weights are returned only
@@ -199,16 +227,16 @@ def _strided_attention(q, k, v, classes: tuple[HeadClass, ...], tables, table_in
     by_pattern: dict[tuple[int, int], list] = {}
     for cls, index in zip(classes, table_index):
         parts = [
-            _folded_flex(q[b : b + 1], k[b : b + 1], v[b : b + 1], cls, tables[index], causal, scale, split_heads)
+            _folded_flex(q[b : b + 1], k[b : b + 1], v[b : b + 1], cls, tables[index], causal, scale)
             for b in range(B)
         ]
         o, lse = (torch.cat(x) if B > 1 else x[0] for x in zip(*parts))
         by_pattern.setdefault((cls.branch.segment, cls.branch.rate), []).append((cls, o, lse))
     lses, outs = [], []
-    for (_, r), parts in by_pattern.items():
+    for (w, r), parts in by_pattern.items():
         place = _place_all if _is_all([c for c, _, _ in parts], H, r) else _place
-        lses.append(place([(c, lse.to(acc)) for c, _, lse in parts], H, r, float("-inf")))
-        outs.append(place([(c, o) for c, o, _ in parts], H, r, 0.0))
+        lses.append(place([(c, lse.to(acc)) for c, _, lse in parts], H, w, r, float("-inf")))
+        outs.append(place([(c, o) for c, o, _ in parts], H, w, r, 0.0))
     lse = merge_lse(lses)
     weights = [merge_weight(part, lse) for part in lses]
     merged = sum(weight[..., None] * o.to(acc) for o, weight in zip(outs, weights)).to(q.dtype)
@@ -220,34 +248,52 @@ def _strided_attention(q, k, v, classes: tuple[HeadClass, ...], tables, table_in
 
 _compiled = torch.compile(_strided_attention, fullgraph=True)
 # Inference: elements of q per slab of chunks. Slabs bound the extra memory to one slab's class outputs but cost
-# time (W1 at N = 2**20 in slabs of 2**27: 35.6 ms, peak 1.13 x q,k,v,out; one call: 22.4 ms, 1.46 x), so they start
-# past 2**29 elements (1M tokens at H * D = 512), where memory, not time, is what runs out.
-SLAB_ELEMENTS = 2**29
+# time (W1 at N = 2**20 in slabs of 2**27: 35.6 ms, peak 1.13 x q,k,v,out; one call: 22.4 ms, 1.46 x; the paper's
+# spec at 2**20 with H * D = 768 in two slabs: 73.7 ms, 1.74 x its dense core), so they start past 2**30 elements
+# (2M tokens at H * D = 512), where memory, not time, is what runs out.
+SLAB_ELEMENTS = 2**30
 
 
 def strided_attention(q, k, v, spec: DilatedSpec, classes: tuple[HeadClass, ...], scale: float):
-    """`dilated_attention` on the strided route (the caller checked `strided_classes`): one compiled call, or,
-    when no gradient is needed, one per slab of about SLAB_ELEMENTS elements of q (whole chunks)."""
+    """`dilated_attention` on the strided route (the caller checked `strided_classes`): one compiled call for all
+    heads (past 2**31 elements of q: per batch entry and group of heads, `_heads_per_call`), and when no gradient
+    is needed and q has more than SLAB_ELEMENTS elements, one per slab of whole chunks, written in place."""
     B, H, N, D = q.shape
-    W = max(spec.segment_lengths)
-    chunks = [x.unflatten(2, (N // W, W)) for x in (q, k, v)]
-    tables, table_index = _tables(classes, spec.causal, q.device)
-    args = classes, tables, table_index, spec.causal, scale, max(q.numel(), k.numel()) > MAX_ELEMENTS
+    W, g = max(spec.segment_lengths), H // k.shape[1]
+    G = _heads_per_call(classes, B, H, k.shape[1], N, D)
+    everything = (slice(None),) * 3
+    groups = [(everything, classes)] if G == H else [
+        ((slice(b, b + 1), slice(h, h + G), slice(h // g, (h + G) // g)), _restrict(classes, h, h + G, g))
+        for b in range(B) for h in range(0, H, G)
+    ]
+    slab = max(1, SLAB_ELEMENTS // ((B if G == H else 1) * G * W * D))  # chunks per slab
+    needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
+    if torch.compiler.is_compiling() or needs_grad or (G == H and slab >= N // W):
+        results = [_call(q[b, hq], k[b, hk], v[b, hk], W, cls, spec.causal, scale) for (b, hq, hk), cls in groups]
+        if len(results) == 1:
+            return results[0]
+        return tuple(torch.cat(x, 1).view(B, H, *x[0].shape[2:]) for x in zip(*results))  # groups in (b, h) order
+    out, lse = q.new_empty(B, H, N, D), q.new_empty(B, H, N, dtype=torch.float32)
+    for (b, hq, hk), cls in groups:
+        for a in range(0, N, slab * W):
+            rows = slice(a, a + slab * W)
+            part = q[b, hq, rows], k[b, hk, rows], v[b, hk, rows]
+            lse[b, hq, rows] = _call(*part, W, cls, spec.causal, scale, out=out[b, hq, rows])[1]
+    return out, lse
+
+
+def _call(q, k, v, W: int, classes: tuple[HeadClass, ...], causal: bool, scale: float, out=None):
+    """One compiled `_strided_attention` on (B, H, N, D) tensors, N a multiple of W; traced in place under an
+    enclosing torch.compile."""
+    chunks = [x.unflatten(2, (x.shape[2] // W, W)) for x in (q, k, v)]
+    args = classes, *_tables(classes, causal, q.device), causal, scale
     if torch.compiler.is_compiling():
         return _strided_attention(*chunks, *args)[:2]
-    slab = max(1, SLAB_ELEMENTS // (B * H * W * D))
-    needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
-    if needs_grad or slab >= N // W:
-        for x in chunks:
-            torch._dynamo.maybe_mark_dynamic(x, 2)  # the chunk count: one kernel for every N = C * W
-        return _compiled(*chunks, *args)[:2]
-    out, lse = q.new_empty(B, H, N, D), q.new_empty(B, H, N, dtype=torch.float32)
-    for a in range(0, N // W, slab):
-        part = [x[:, :, a : a + slab] for x in chunks]
-        for x in part:
-            torch._dynamo.maybe_mark_dynamic(x, 2)
-        _, lse[:, :, a * W : (a + slab) * W] = _compiled(*part, *args, out=out[:, :, a * W : (a + slab) * W])[:2]
-    return out, lse
+    for x in chunks:
+        torch._dynamo.maybe_mark_dynamic(x, 2)  # the chunk count: one kernel for every N = C * W
+    if out is not None:
+        torch._dynamo.maybe_mark_dynamic(out, 2)
+    return _compiled(*chunks, *args, out=out)[:2]
 
 
 @traced_cache(maxsize=256)

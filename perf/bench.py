@@ -173,6 +173,10 @@ def main():
     parser.add_argument("--only", default=None, help="comma-separated workload labels to run, e.g. W1,W1-causal")
     parser.add_argument("--combine", nargs="+", default=None, metavar="JSON",
                         help="merge the records of earlier runs into DIR/results.json, plot and print (no GPU work)")
+    parser.add_argument("--lengths", default=None, help="comma-separated N instead of each workload's own")
+    parser.add_argument("--impls", default="flexdilated,dense_core,naive_pipeline,dense_sdpa",
+                        help="comma-separated implementations to time (dense_sdpa at 1M costs ~2 min)")
+    parser.add_argument("--modes", default="fwd,fwd+bwd")
     args = parser.parse_args()
     if args.combine:
         records = [r for path in args.combine for r in json.load(open(path))]
@@ -191,13 +195,13 @@ def main():
         # Each workload compiles its own kernels: one process running many (heads per pattern, length, grad)
         # combinations passes Dynamo's limit of 8 compiled versions per function (README: Limits).
         torch._dynamo.reset()
-        for N in w.lengths:
-            for impl in ("flexdilated", "dense_core", "naive_pipeline", "dense_sdpa"):
+        for N in map(int, args.lengths.split(",")) if args.lengths else w.lengths:
+            for impl in args.impls.split(","):
                 if impl != "flexdilated" and w.spec.overlap == "set":
                     continue  # the same work as for multiset (the official merge is multiset only)
                 if impl == "dense_sdpa" and (w.name == "W3" or N > 1048576 or (args.quick and N > 65536)):
                     continue  # W3's dense attention is W1's
-                for mode in ("fwd", "fwd+bwd"):
+                for mode in args.modes.split(","):
                     if impl == "dense_sdpa" and mode == "fwd+bwd" and N > 262144:
                         continue  # minutes per call, and the forward already makes the point
                     ms, peak, first = run_one(impl, w, N, mode, reps)
@@ -210,6 +214,8 @@ def main():
                     print(json.dumps(rec), flush=True)
                     torch.cuda.empty_cache()
     name = "results.json" if not args.only else f"results_{args.only.replace(',', '_')}.json"
+    if args.lengths:
+        name = name.replace(".json", f"_N{args.lengths.replace(',', '_')}.json")
     with open(f"{args.out}/{name}", "w") as f:
         json.dump(records, f, indent=1)
     plot(records, f"{args.out}/time_vs_n.png")

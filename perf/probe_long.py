@@ -1,8 +1,8 @@
-"""The longest N on one GPU (W1, H=8, D=64, bf16): forward and forward+backward through the strided route with
-the 2**31-element guard lifted, checking rows near the end against the float64 reference (large offsets are
-where int32 index arithmetic would overflow).
+"""The longest N on one GPU (W1, H=8, D=64, bf16): forward and forward+backward through the strided route (one
+flex call per head past 2**31 elements), checking rows near the end against the float64 reference (large offsets
+are where int32 index arithmetic would overflow).
 
-    PYTHONPATH=$PWD python3 perf/probe_long.py [--lengths 4194304,8388608] [--lift]
+    PYTHONPATH=$PWD python3 perf/probe_long.py [--lengths 4194304,8388608] [--modes fwd,fwd+bwd]
 """
 
 import argparse
@@ -17,13 +17,14 @@ from flexdilated.reference import reference_rows
 spec = DilatedSpec((2048, 4096, 8192), (1, 2, 4))
 parser = argparse.ArgumentParser()
 parser.add_argument("--lengths", default="4194304,8388608")
-parser.add_argument("--lift", action="store_true", help="lift the 2**31-element guard of the strided route")
+parser.add_argument("--modes", default="fwd,fwd+bwd")
+parser.add_argument("--slab", type=int, default=None, help="strided.SLAB_ELEMENTS for inference")
 args = parser.parse_args()
-if args.lift:
-    strided.MAX_ELEMENTS = 2**62
+if args.slab:
+    strided.SLAB_ELEMENTS = args.slab
 rows = []
 for N in map(int, args.lengths.split(",")):
-    for mode in ("fwd", "fwd+bwd"):
+    for mode in args.modes.split(","):
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         try:

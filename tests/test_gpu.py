@@ -43,8 +43,8 @@ def rel(a, b):
 
 
 BF16 = {torch.bfloat16: TOLERANCE[torch.bfloat16]}
-# (patterns, B, H, Hkv, N, causal, heads, overlap, dtypes): N a multiple of the largest segment with w / r a
-# multiple of 128 takes the strided route, the rest the gather route (README: routes)
+# (patterns, B, H, Hkv, N, causal, heads, overlap, dtypes): N a multiple of the largest segment takes the strided
+# route, the rest the gather route (README: routes)
 CASES = [
     (W1, 1, 8, 8, 65536, False, "all", "multiset", TOLERANCE),  # strided
     (W1, 1, 8, 8, 65536, True, "all", "set", BF16),  # strided, set exclusions as whole blocks
@@ -52,8 +52,9 @@ CASES = [
     (W1, 1, 8, 8, 32768, False, "grouped", "multiset", BF16),  # strided, one class per group
     (W1, 2, 8, 8, 16384, True, "all", "multiset", BF16),  # strided, batch of 2
     (W1, 1, 8, 2, 50000, False, "all", "multiset", TOLERANCE),  # gather: tails
-    (PAPER, 1, 12, 12, 65536, True, "all", "multiset", BF16),  # gather: w % r != 0
-    (PAPER, 1, 12, 4, 40000, True, "all", "set", BF16),
+    (PAPER, 1, 12, 12, 65536, True, "all", "multiset", BF16),  # strided, w % r != 0: rows per offset differ
+    (PAPER, 1, 12, 6, 65536, False, "all", "set", BF16),  # strided, w % r != 0, GQA 12/6, set
+    (PAPER, 1, 12, 4, 40000, True, "all", "set", BF16),  # gather: tails
     (((2048, 4096), (2, 4)), 1, 4, 4, 10000, False, "all", "multiset", BF16),  # odd rows of even heads reach nothing
 ]
 

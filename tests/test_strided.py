@@ -3,6 +3,7 @@ merge run eagerly here (eager flex, forward only) and must equal the float64 ref
 gradients are checked on a GPU (`test_gpu.py`)."""
 
 import warnings
+from unittest import mock
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from flexdilated import DilatedSpec, reference_dilated_attention
+import flexdilated.strided as strided
 from flexdilated.strided import _strided_attention, _tables, head_classes, strided_classes
 
 warnings.filterwarnings("ignore", "flex_attention called without torch.compile")
@@ -17,12 +19,12 @@ warnings.filterwarnings("ignore", "flex_attention called without torch.compile")
 
 @st.composite
 def strided_problems(draw):
-    """Specs the strided route takes: w = L * r with L a multiple of 128, every w dividing the largest."""
-    top = draw(st.sampled_from([1, 2, 4, 6]))
-    rates = draw(st.lists(st.sampled_from([r for r in (1, 2, 3, 4, 6) if top % r == 0]), min_size=1, max_size=3))
-    rates = sorted(set(rates) | {top})
-    segments = [128 * r * draw(st.sampled_from([1, 1, 2])) for r in rates]
-    assume(all(max(segments) % w == 0 for w in segments))
+    """Specs the strided route takes: every segment length divides the largest, N a multiple of it. Rates are
+    free: ``w % r != 0`` (offsets with L and L - 1 rows) and rows that are no multiple of the 128-block included."""
+    W = draw(st.sampled_from([96, 256, 384, 768]))
+    divisors = [d for d in range(16, W + 1) if W % d == 0]
+    segments = sorted(set(draw(st.lists(st.sampled_from(divisors), max_size=2))) | {W})
+    rates = [draw(st.sampled_from([r for r in (1, 2, 3, 4, 5, 6) if r <= w // 8])) for w in segments]
     spec = DilatedSpec(
         segments, rates, causal=draw(st.booleans()), heads=draw(st.sampled_from(["all", "grouped"])),
         overlap=draw(st.sampled_from(["multiset", "set"])),
@@ -30,29 +32,47 @@ def strided_problems(draw):
     kv_heads = draw(st.integers(1, 3))
     heads = kv_heads * draw(st.integers(1, 3))
     chunks, B = draw(st.integers(1, 2)), draw(st.integers(1, 2))
-    return spec, B, heads, kv_heads, chunks * max(segments), draw(st.booleans()), draw(st.integers(0, 2**31 - 1))
+    return spec, B, heads, kv_heads, chunks * W, draw(st.booleans()), draw(st.integers(0, 2**31 - 1))
 
 
-def run_strided(q, k, v, spec, split_heads=False, slab_out=False, scale=0.5):
+def run_strided(q, k, v, spec, slab_out=False, scale=0.5):
     classes = strided_classes(q, k, spec)
     assert classes is not None
     W = max(spec.segment_lengths)
     chunks = [x.unflatten(2, (x.shape[2] // W, W)) for x in (q, k, v)]
     out = torch.full_like(q, float("nan")) if slab_out else None
-    result = _strided_attention(*chunks, classes, *_tables(classes, spec.causal, q.device), spec.causal, scale,
-                                split_heads, out=out)
+    result = _strided_attention(*chunks, classes, *_tables(classes, spec.causal, q.device), spec.causal, scale, out=out)
     assert not slab_out or result[0] is out
     return result[:2]
 
 
+def run_in_groups(q, k, v, spec, slab_chunks, scale=0.5):
+    """`strided_attention`'s inference loop with the int32 limit lowered to the smallest group of heads it can
+    split q into (calls per batch entry and group of heads), slabs of ``slab_chunks`` chunks (run eagerly)."""
+    B, H, N, D = q.shape
+    W = max(spec.segment_lengths)
+    for G in (G for G in range(1, H + 1) if H % G == 0):
+        with mock.patch.object(strided, "INT32_ELEMENTS", G * N * D):
+            classes = strided_classes(q, k, spec)
+        if classes is not None:
+            break
+    with mock.patch.object(strided, "INT32_ELEMENTS", G * N * D), \
+            mock.patch.object(strided, "SLAB_ELEMENTS", slab_chunks * G * W * D), \
+            mock.patch.object(strided, "_compiled", strided._strided_attention):
+        return strided.strided_attention(q, k, v, spec, classes, scale)
+
+
 @given(strided_problems())
 def test_strided_route_matches_reference(problem):
-    spec, B, H, Hkv, N, split, seed = problem
+    spec, B, H, Hkv, N, in_groups, seed = problem
     assume(strided_classes(torch.empty(B, H, N, 16), torch.empty(B, Hkv, N, 16), spec) is not None)
     gen = torch.Generator().manual_seed(seed)
     q = torch.randn(B, H, N, 16, generator=gen, dtype=torch.float64)
     k, v = (torch.randn(B, Hkv, N, 16, generator=gen, dtype=torch.float64) for _ in range(2))
-    out, lse = run_strided(q, k, v, spec, split_heads=split, slab_out=seed % 2 == 1)
+    if in_groups:  # the smallest group of heads, one chunk per slab
+        out, lse = run_in_groups(q, k, v, spec, 1)
+    else:
+        out, lse = run_strided(q, k, v, spec, slab_out=seed % 2 == 1)
     ref, ref_lse = reference_dilated_attention(q, k, v, spec, scale=0.5, return_lse=True)
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
     assert torch.equal(lse == float("-inf"), ref_lse == float("-inf"))
@@ -80,32 +100,55 @@ def test_classes_are_strided_views_or_none():
 
 
 @pytest.mark.parametrize(
-    "spec, N",
+    "spec, N, taken",
     [
-        (DilatedSpec((2048, 4096), (1, 2)), 6144),  # N not a multiple of the largest segment
-        (DilatedSpec((2048, 6144), (1, 3)), 6144),  # 2048 divides 6144: taken
-        (DilatedSpec((2048, 3072), (1, 2)), 6144),  # 2048 does not divide 3072
-        (DilatedSpec((2048, 4096), (1, 3)), 8192),  # w % r != 0
-        (DilatedSpec((2048, 4096), (1, 4)), 8192),  # w / r = 1024: fine; (512, 4) would give 128
-        (DilatedSpec((512, 4096), (8, 4)), 8192),  # w / r = 64: not a multiple of the block
+        (DilatedSpec((2048, 4096), (1, 2)), 6144, False),  # N not a multiple of the largest segment
+        (DilatedSpec((2048, 6144), (1, 3)), 6144, True),  # 2048 divides 6144
+        (DilatedSpec((2048, 3072), (1, 2)), 6144, False),  # 2048 does not divide 3072
+        (DilatedSpec((2048, 4096), (1, 3)), 8192, True),  # w % r != 0: offsets 0 and 1 have 1366 rows, 2 has 1365
+        (DilatedSpec((512, 4096), (8, 4)), 8192, True),  # w / r = 64 rows: less than one block
     ],
 )
-def test_which_specs_take_the_strided_route(spec, N):
-    taken = strided_classes(torch.empty(1, 8, N, 16), torch.empty(1, 8, N, 16), spec) is not None
-    W = max(spec.segment_lengths)
-    expected = N % W == 0 and all(W % w == 0 and w % r == 0 and (w // r) % 128 == 0 for w, r in spec.patterns)
-    assert taken == expected
+def test_which_specs_take_the_strided_route(spec, N, taken):
+    assert (strided_classes(torch.empty(1, 8, N, 16), torch.empty(1, 8, N, 16), spec) is not None) == taken
 
 
-def test_traced_inside_a_user_compile():
-    """Under a user's torch.compile(fullgraph=True) the route is traced in place (CUDA runs it this way)."""
-    from flexdilated.strided import strided_attention
+@pytest.mark.parametrize(
+    "spec, H, N, expected",
+    [
+        (DilatedSpec((2048, 4096, 8192), (1, 2, 4)), 8, 4 * 2**20, 8),  # 2**31 elements: one call
+        (DilatedSpec((2048, 4096, 8192), (1, 2, 4)), 8, 8 * 2**20, 4),  # heads 0-3 and 4-7: the same offsets
+        (DilatedSpec((2048, 4096, 8192), (1, 2, 4)), 8, 16 * 2**20, None),  # 2 heads: 0-1 and 2-3 differ
+        (DilatedSpec((2048, 4096, 8192), (1, 2, 4), heads="grouped"), 6, 8 * 2**20, None),  # groups differ
+        (DilatedSpec((2048, 4096), (1, 2), heads="grouped"), 8, 8 * 2**20, None),
+    ],
+)
+def test_heads_per_call_past_int32(spec, H, N, expected):
+    classes = head_classes(spec, H, H)
+    assert strided._heads_per_call(classes, 1, H, H, N, 64) == expected
 
+
+def test_paper_spec_rows_per_offset():
+    """The paper's w = 16384, r = 6: offsets 0..3 read 2731 tokens of a segment, offsets 4, 5 read 2730."""
+    spec = DilatedSpec((2048, 4096, 8192, 16384, 32768), (1, 2, 4, 6, 12))
+    classes = strided_classes(torch.empty(1, 12, 32768, 16), torch.empty(1, 12, 32768, 16), spec)
+    q = torch.empty(1, 12, 1, 32768, 16)
+    from flexdilated.strided import _folded_view
+
+    rows = {c.offset: _folded_view(q, c.q_heads, 16384, 6, c.offset).shape[2] for c in classes if c.branch.rate == 6}
+    assert rows == {0: 2731, 1: 2731, 2: 2731, 3: 2731, 4: 2730, 5: 2730}
+
+
+@pytest.mark.parametrize("heads_per_call", [8, 4])
+def test_traced_inside_a_user_compile(heads_per_call):
+    """Under a user's torch.compile(fullgraph=True) the route is traced in place (CUDA runs it this way), also
+    when it runs per batch entry and group of heads (past 2**31 elements; the limit lowered here)."""
     spec = DilatedSpec((128, 256, 512), (1, 2, 4), causal=True)
     q, k, v = (torch.randn(2, 8, 1024, 16, dtype=torch.float64) for _ in range(3))
 
     def f(q, k, v):
-        return strided_attention(q * 2, k, v, spec, strided_classes(q, k, spec), 0.5)[0]
+        return strided.strided_attention(q * 2, k, v, spec, strided_classes(q, k, spec), 0.5)[0]
 
-    out = torch.compile(f, fullgraph=True, backend="eager")(q, k, v)
+    with mock.patch.object(strided, "INT32_ELEMENTS", heads_per_call * 1024 * 16):  # 8: one call per batch entry
+        out = torch.compile(f, fullgraph=True, backend="eager")(q, k, v)
     torch.testing.assert_close(out, reference_dilated_attention(q * 2, k, v, spec, scale=0.5), rtol=1e-10, atol=1e-10)
