@@ -103,6 +103,12 @@ def _run_blocks(blocks: nn.ModuleList, x: torch.Tensor, checkpointing: bool, **k
     return x
 
 
+def _stack(vocab_size: int, depth: int, dim: int, num_heads: int, segment_lengths, dilation_rates, **block):
+    """What every model here is made of: the token embedding, ``depth`` `Block`s and the final LayerNorm."""
+    blocks = (Block(dim, num_heads, segment_lengths, dilation_rates, **block) for _ in range(depth))
+    return _embedding(vocab_size, dim), nn.ModuleList(blocks), nn.LayerNorm(dim)
+
+
 def _embedding(num: int, dim: int) -> nn.Embedding:
     embed = nn.Embedding(num, dim)
     nn.init.normal_(embed.weight, std=dim**-0.5)
@@ -168,16 +174,11 @@ class LongNetLM(nn.Module):
         super().__init__()
         _check_model_args(dim, num_heads, vocab_size=vocab_size, depth=depth)
         rotary = _rotary(position, dim // num_heads, causal=True)
-        gain = math.sqrt(math.log(2 * depth))
-        self.embed = _embedding(vocab_size, dim)
-        self.blocks = nn.ModuleList(
-            Block(
-                dim, num_heads, segment_lengths, dilation_rates, causal=True, ff_mult=ff_mult, dropout=dropout,
-                gain=gain, rotary=rotary, num_kv_heads=num_kv_heads, heads=heads, overlap=overlap,
-            )
-            for _ in range(depth)
+        self.embed, self.blocks, self.norm = _stack(
+            vocab_size, depth, dim, num_heads, segment_lengths, dilation_rates, causal=True, ff_mult=ff_mult,
+            dropout=dropout, gain=math.sqrt(math.log(2 * depth)), rotary=rotary, num_kv_heads=num_kv_heads,
+            heads=heads, overlap=overlap,
         )
-        self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, vocab_size, bias=False)
         if tie_embeddings:
             self.head.weight = self.embed.weight
@@ -265,15 +266,10 @@ class LongNetEncoder(nn.Module):
         _check_model_args(dim, num_heads, vocab_size=vocab_size, depth=depth)
         rotary = _rotary(position, dim // num_heads, causal=False)
         gain = math.sqrt(math.log(2 * depth)) if gamma_init is None else gamma_init
-        self.embed = _embedding(vocab_size, dim)
-        self.blocks = nn.ModuleList(
-            Block(
-                dim, num_heads, segment_lengths, dilation_rates, causal=False, ff_mult=ff_mult, dropout=dropout,
-                gain=gain, rotary=rotary, num_kv_heads=num_kv_heads, heads=heads, overlap=overlap,
-            )
-            for _ in range(depth)
+        self.embed, self.blocks, self.norm = _stack(
+            vocab_size, depth, dim, num_heads, segment_lengths, dilation_rates, causal=False, ff_mult=ff_mult,
+            dropout=dropout, gain=gain, rotary=rotary, num_kv_heads=num_kv_heads, heads=heads, overlap=overlap,
         )
-        self.norm = nn.LayerNorm(dim)
         self.checkpointing = checkpointing
 
     def forward(self, tokens: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -330,15 +326,10 @@ class LongNet(nn.Module):
             src_vocab_size, dim, encoder_depth, num_heads, segment_lengths, dilation_rates, ff_mult=ff_mult,
             dropout=dropout, position=position, gamma_init=math.sqrt(log_3m * log_2n / 3), **attn,
         )
-        self.embed = _embedding(tgt_vocab_size, dim)
-        self.blocks = nn.ModuleList(
-            Block(
-                dim, num_heads, segment_lengths, dilation_rates, causal=True, cross=True, ff_mult=ff_mult,
-                dropout=dropout, gain=math.sqrt(log_3m), rotary=rotary, **attn,
-            )
-            for _ in range(decoder_depth)
+        self.embed, self.blocks, self.norm = _stack(
+            tgt_vocab_size, decoder_depth, dim, num_heads, segment_lengths, dilation_rates, causal=True, cross=True,
+            ff_mult=ff_mult, dropout=dropout, gain=math.sqrt(log_3m), rotary=rotary, **attn,
         )
-        self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, tgt_vocab_size, bias=False)
         if tie_embeddings:
             self.head.weight = self.embed.weight

@@ -12,8 +12,8 @@ with ``excluded`` the pairs an earlier pattern claims under ``overlap="set"`` (`
 tables of one segment (`masks._block_tables`) serve every segment and every N.
 
 One compiled function runs every class's flex call, puts the class outputs and LSEs back in natural order
-(`_place_all`: rows padded to ceil(w / r), concatenated, interleaved, cut to w: Inductor turns it into masked loads) and merges the patterns by LSE (`merge.py`) in
-one fused kernel. Its input is q, k, v viewed as (B, H, C, W, D) with C chunks of the largest segment W: the chunk
+(`_place_all`: rows padded to ceil(w / r), concatenated, interleaved, cut to w: Inductor turns it into masked
+loads) and merges the patterns by LSE (`merge.py`) in one fused kernel. Its input is q, k, v viewed as (B, H, C, W, D) with C chunks of the largest segment W: the chunk
 count is the one dynamic size, so one compilation serves every N that is a multiple of W.
 """
 
@@ -22,9 +22,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch.nn.attention.flex_attention import AuxRequest, BlockMask, flex_attention
-
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import AuxRequest, BlockMask, flex_attention
 
 from .masks import BLOCK_SIZE, _block_tables, counts
 from .merge import merge_lse, merge_weight
@@ -145,6 +144,11 @@ def _rows(x: torch.Tensor, rows: int, fill: float) -> torch.Tensor:
     return x if x.shape[3] == rows else F.pad(x, (0, 0) * E + (0, rows - x.shape[3]), value=fill)
 
 
+def _natural(x: torch.Tensor, segment: int) -> torch.Tensor:
+    """(B, H, S, ceil(w/r), r, *E), row i of offset o at [.., i, o, ..], -> (B, H, S*w, *E): position i*r + o."""
+    return x.flatten(3, 4)[:, :, :, :segment].flatten(2, 3)
+
+
 def _place(parts: list[tuple[HeadClass, torch.Tensor]], num_heads: int, segment: int, rate: int, fill: float):
     """Class results (B, n, S, L_o, *E) back in natural order (B, H, N, *E): row i of offset o is position
     ``i*r + o`` of its segment, i.e. (B, H, S, ceil(w/r), r, *E) cut to w; ``fill`` where the pattern reaches no row."""
@@ -155,7 +159,7 @@ def _place(parts: list[tuple[HeadClass, torch.Tensor]], num_heads: int, segment:
         start, stop, step = cls.q_heads
         heads = base[:, start:stop:step].select_scatter(_rows(x, rows, fill), 4, cls.offset)
         base = base.slice_scatter(heads, 1, start, stop, step)
-    return base.flatten(3, 4)[:, :, :, :segment].flatten(2, 3)
+    return _natural(base, segment)
 
 
 def _place_all(parts: list[tuple[HeadClass, torch.Tensor]], num_heads: int, segment: int, rate: int, fill: float):
@@ -167,7 +171,7 @@ def _place_all(parts: list[tuple[HeadClass, torch.Tensor]], num_heads: int, segm
     E = x.dim() - 4
     h = torch.arange(num_heads, device=x.device)
     keep = (h[:, None] % rate == torch.arange(rate, device=x.device)).view(1, num_heads, 1, 1, rate, *(1,) * E)
-    return torch.where(keep, x.unsqueeze(4), fill).flatten(3, 4)[:, :, :, :segment].flatten(2, 3)
+    return _natural(torch.where(keep, x.unsqueeze(4), fill), segment)
 
 
 def _is_all(classes: list[HeadClass], num_heads: int, rate: int) -> bool:
