@@ -9,28 +9,33 @@ PY := $(VENV)/bin/python
 
 .PHONY: test demo demo-attention sample gpu-test clean
 
-$(VENV)/.installed: pyproject.toml Makefile
+# the venv with PyTorch, then the package with the extras each target needs: plot (matplotlib, tqdm) for the
+# demos, test (pytest, hypothesis, plot and hf = transformers) for the tests
+$(VENV)/.torch: Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet $(TORCH)
-	$(PY) -m pip install --quiet -e ".[test]"
 	touch $@
 
-test: $(VENV)/.installed
+$(VENV)/.installed-%: pyproject.toml $(VENV)/.torch
+	$(PY) -m pip install --quiet -e ".[$*]"
+	touch $@
+
+test: $(VENV)/.installed-test
 	$(PY) -m pytest -q
 
 # trains a small LongNetLM to retrieve a passkey across 8,192 tokens (CPU, about 2 minutes on 2 cores)
-demo: $(VENV)/.installed
+demo: $(VENV)/.installed-plot
 	$(PY) examples/train_lm.py
 
 # asks the model trained by `make demo` for passkeys of fresh prompts (KV-cache generation)
-sample: $(VENV)/.installed
+sample: $(VENV)/.installed-plot
 	$(PY) examples/sample.py
 
 # dilated attention over 65,536 tokens: checked against the reference, timed, its pattern drawn
-demo-attention: $(VENV)/.installed
+demo-attention: $(VENV)/.installed-plot
 	$(PY) examples/demo.py
 
-gpu-test: $(VENV)/.installed
+gpu-test: $(VENV)/.installed-test
 	$(PY) -m pytest -q -m gpu -s
 
 clean:
