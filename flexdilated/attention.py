@@ -16,7 +16,7 @@ from .layout import Unit, gather, head_index, natural_index, units
 from .masks import branch_block_mask, branch_mask_mod
 from .merge import merge_lse
 from .reference import reference_rows
-from .spec import Branch, DilatedSpec, branches
+from .spec import Branch, DilatedSpec, branches, fit_to_length
 from .strided import strided_attention, strided_classes
 
 FLEX_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -114,6 +114,7 @@ def dilated_attention(
     """
     scale = check_inputs(q, k, v, spec, scale)
     B, H, N, D = q.shape
+    spec = fit_to_length(spec, N)
     if key_padding_mask is not None:
         check_key_padding_mask(key_padding_mask, B, N, q.device)
     classes = strided_classes(q, k, spec) if key_padding_mask is None and _use_flex(q) else None

@@ -56,8 +56,9 @@ class MultiheadDilatedAttention(nn.Module):
     """Multi-head dilated self-attention on (B, N, E) (or (N, B, E) with ``batch_first=False``).
 
     ``forward(query, key, value, key_padding_mask=None, need_weights=False, attn_mask=None, is_causal=False)``
-    returns ``(out, None)``. ``key_padding_mask`` (B, N) bool, True where a key is padding, is composed with the
-    pattern. ``dropout`` applies to the attention output (B, N, E) before the sub-LayerNorm and the output
+    returns ``(out, None)``. ``key_padding_mask`` (B, N), True (or -inf) where a key is padding, is composed with
+    the pattern. It serves as ``self_attn`` of ``nn.TransformerEncoderLayer``, ``nn.TransformerDecoderLayer``, their
+    stacks and ``nn.Transformer`` (assign it; the layers' fused fast path is ruled out, see ``forward``). ``dropout`` applies to the attention output (B, N, E) before the sub-LayerNorm and the output
     projection, in training mode: FlexAttention has no dropout on the attention probabilities.
     ``num_kv_heads`` < ``num_heads`` gives grouped-query attention; ``rotary`` rotates q and k by their positions.
     ``decode`` attends new tokens against a cache of the keys and values before them (causal generation).
@@ -120,6 +121,22 @@ class MultiheadDilatedAttention(nn.Module):
         if self.norm is not None:
             self.norm.reset_parameters()
 
+    # Read by nn.TransformerEncoderLayer / nn.TransformerEncoder to choose PyTorch's fused fast path, which would
+    # bypass this module: separate q, k, v projections rule it out, as for nn.MultiheadAttention with kdim != E.
+    _qkv_same_embed_dim = False
+
+    @property
+    def in_proj_weight(self) -> torch.Tensor:
+        """The q, k and v projection weights stacked ((E + 2 * kv_dim, E)), as in ``nn.MultiheadAttention``."""
+        return torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
+
+    @property
+    def in_proj_bias(self) -> torch.Tensor:
+        """Their biases stacked (zeros with ``bias=False``)."""
+        if self.q_proj.bias is None:
+            return self.q_proj.weight.new_zeros(self.q_proj.out_features + 2 * self.k_proj.out_features)
+        return torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias])
+
     def forward(
         self,
         query: torch.Tensor,
@@ -128,28 +145,56 @@ class MultiheadDilatedAttention(nn.Module):
         key_padding_mask: torch.Tensor | None = None,
         need_weights: bool = False,
         attn_mask: torch.Tensor | None = None,
+        average_attn_weights: bool = True,
         is_causal: bool = False,
     ) -> tuple[torch.Tensor, None]:
+        """``nn.MultiheadAttention``'s call for self-attention: (B, N, E) (``batch_first``), (N, B, E) or
+        unbatched (N, E); nested tensors (``nn.TransformerEncoder``'s inference path) too.
+
+        ``key_padding_mask`` (B, N): bool, True = padding, or float 0 / -inf (PyTorch's canonical form).
+        ``attn_mask`` may only be the causal mask ((N, N) or (B * H, N, N); bool True above the diagonal, or float
+        -inf above and 0 elsewhere, as ``nn.Transformer.generate_square_subsequent_mask`` makes it): it means
+        ``is_causal=True``. Any other dense mask raises: it would defeat the pattern."""
         if need_weights:
             raise ValueError("need_weights=True is not supported: dilated attention never forms the (N, N) weights")
-        if attn_mask is not None:
-            raise ValueError(
-                "attn_mask is not supported (a dense mask defeats the pattern): use is_causal or key_padding_mask"
-            )
-        if not self.batch_first:
+        if query.is_nested:
+            return self._forward_nested(query, key, value, attn_mask, is_causal), None
+        unbatched = query.dim() == 2
+        if unbatched:
+            query, key, value = (x.unsqueeze(0) for x in (query, key, value))
+            if key_padding_mask is not None:
+                key_padding_mask = key_padding_mask.unsqueeze(0)
+        elif not self.batch_first:
             query, key, value = (x.transpose(0, 1) for x in (query, key, value))
         for name, x in (("query", query), ("key", key), ("value", value)):
             if x.dim() != 3 or x.shape[-1] != self.embed_dim:
-                raise ValueError(f"{name} must be (B, N, {self.embed_dim}), got shape {tuple(x.shape)}")
+                raise ValueError(
+                    f"{name} must be (B, N, {self.embed_dim}) or unbatched (N, {self.embed_dim}), got shape "
+                    f"{tuple(x.shape[1:] if unbatched else x.shape)}"
+                )
         if key.shape[:2] != query.shape[:2] or value.shape[:2] != query.shape[:2]:
             raise ValueError(
                 f"key and value must have the query's batch and length {tuple(query.shape[:2])} (self-attention), "
                 f"got {tuple(key.shape[:2])} and {tuple(value.shape[:2])}"
             )
+        causal = _causal_from_mask(attn_mask, bool(is_causal), query.shape[1])
         q, k, v = self._project(query, key, value, offset=0)
-        out = dilated_attention(q, k, v, self.specs[bool(is_causal)], key_padding_mask=key_padding_mask)
+        out = dilated_attention(q, k, v, self.specs[causal], key_padding_mask=_bool_padding(key_padding_mask))
         out = self._output(out)
+        if unbatched:
+            return out[0], None
         return (out if self.batch_first else out.transpose(0, 1)), None
+
+    def _forward_nested(self, query, key, value, attn_mask, is_causal: bool) -> torch.Tensor:
+        """Nested (B, N_b, E) input, as ``nn.TransformerEncoder`` builds it from a padding mask in inference: run
+        padded with the padding as keys that take no part, and hand back a nested tensor of the same lengths."""
+        if not self.batch_first or key is not query or value is not query:
+            raise ValueError("nested tensors are supported for batch_first self-attention (query is key is value)")
+        lengths = torch.tensor([t.shape[0] for t in query.unbind()], device=query.device)
+        padded = query.to_padded_tensor(0.0)
+        keep = torch.arange(padded.shape[1], device=query.device) < lengths[:, None]
+        out, _ = self.forward(padded, padded, padded, key_padding_mask=~keep, attn_mask=attn_mask, is_causal=is_causal)
+        return torch._nested_tensor_from_mask(out, keep, mask_check=False)
 
     def _project(self, query, key, value, offset: int):
         q = rearrange(self.q_proj(query), "b n (h d) -> b h n d", h=self.num_heads)
@@ -179,6 +224,47 @@ class MultiheadDilatedAttention(nn.Module):
             out = dilated_attention(q, k, v, self.specs[True])
         cache["k"], cache["v"] = k, v
         return self._output(out)
+
+
+def _bool_padding(mask: torch.Tensor | None) -> torch.Tensor | None:
+    """A key padding mask as bool (True = padding) from bool or PyTorch's float form (0 = key, -inf = padding)."""
+    if mask is None or mask.dtype == torch.bool:
+        return mask
+    if not mask.is_floating_point():
+        raise TypeError(f"key_padding_mask must be bool (True = padding) or float (0 / -inf), got {mask.dtype}")
+    padding = mask == float("-inf")
+    if not torch.compiler.is_compiling() and not bool((padding | (mask == 0)).all()):
+        raise ValueError(
+            "a float key_padding_mask may hold only 0 (key) and -inf (padding): an additive bias is not supported"
+        )
+    return padding
+
+
+def _causal_from_mask(attn_mask: torch.Tensor | None, is_causal: bool, seq_len: int) -> bool:
+    """Whether to attend causally: ``is_causal``, or an ``attn_mask`` that is exactly the causal mask (which
+    ``nn.TransformerDecoderLayer`` passes together with ``is_causal=True``). Any other mask raises."""
+    if attn_mask is None:
+        return is_causal
+    if attn_mask.dim() not in (2, 3) or tuple(attn_mask.shape[-2:]) != (seq_len, seq_len):
+        raise ValueError(
+            f"attn_mask must be the causal mask of shape (N, N) or (B * num_heads, N, N) with N = {seq_len}, "
+            f"got shape {tuple(attn_mask.shape)}"
+        )
+    if torch.compiler.is_compiling():  # the mask's values cannot be read inside a graph: trust the hint
+        if not is_causal:
+            raise ValueError("under torch.compile an attn_mask is accepted only with is_causal=True (the causal hint)")
+        return True
+    above = torch.ones(seq_len, seq_len, dtype=torch.bool, device=attn_mask.device).triu(1)
+    if attn_mask.dtype == torch.bool:
+        causal = bool((attn_mask == above).all())
+    else:
+        causal = bool(((attn_mask == float("-inf")) == above).all() and (attn_mask.masked_fill(above, 0) == 0).all())
+    if not causal:
+        raise ValueError(
+            "attn_mask is not supported unless it is exactly the causal mask (a dense mask defeats the pattern): "
+            "use is_causal=True or key_padding_mask"
+        )
+    return True
 
 
 class MultiheadCrossAttention(nn.Module):

@@ -10,7 +10,8 @@ attention per branch and merges the branches by their log-sum-exp (`merge.py`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import operator
+from dataclasses import dataclass, replace
 from functools import lru_cache, wraps
 
 import torch
@@ -35,15 +36,28 @@ HEAD_MODES = ("all", "grouped")
 OVERLAP_MODES = ("multiset", "set")
 
 
+INT64_MAX = 2**63 - 1
+
+
 def _positive_ints(name: str, values) -> tuple[int, ...]:
+    """Python ints from any integer-like values (``operator.index``: numpy and 0-d torch integers too), each in
+    ``1 .. 2**63 - 1``; bools are refused."""
     try:
         values = tuple(values)
     except TypeError:
         raise ValueError(f"{name} must be a sequence of positive ints, got {values!r}") from None
+    out = []
     for v in values:
-        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-            raise ValueError(f"{name} must hold positive ints, got {v!r} in {values!r}")
-    return values
+        not_scalar = isinstance(v, bool) or str(getattr(v, "dtype", "")) in ("bool", "torch.bool")
+        not_scalar = not_scalar or getattr(v, "ndim", 0) != 0  # a 1-element array is no scalar
+        try:
+            i = None if not_scalar else operator.index(v)
+        except TypeError:
+            i = None
+        if i is None or not 0 < i <= INT64_MAX:
+            raise ValueError(f"{name} must hold positive ints up to 2**63 - 1, got {v!r} in {values!r}")
+        out.append(i)
+    return tuple(out)
 
 
 @dataclass(frozen=True)
@@ -84,6 +98,21 @@ class DilatedSpec:
     @property
     def patterns(self) -> tuple[tuple[int, int], ...]:
         return tuple(zip(self.segment_lengths, self.dilation_rates))
+
+
+def fit_to_length(spec: DilatedSpec, seq_len: int) -> DilatedSpec:
+    """The same attention over ``seq_len`` tokens with every segment at most ``2**ceil(log2 seq_len)`` long.
+
+    A segment ``w >= N`` covers all N tokens (``p // w == 0``, ``p % w == p``), so any other length ``>= N`` gives
+    the same mask: a user's "whole sequence" segment of up to 2**63 - 1 tokens runs with the indices of a short one.
+    Rounding up to a power of two (rather than to N) keeps one compiled kernel for many N.
+    """
+    if all(w <= seq_len for w in spec.segment_lengths):
+        return spec
+    cap = 1 << max(seq_len - 1, 1).bit_length()
+    if all(w <= cap for w in spec.segment_lengths):
+        return spec
+    return replace(spec, segment_lengths=tuple(min(w, cap) for w in spec.segment_lengths))
 
 
 def head_offsets(spec: DilatedSpec, num_heads: int) -> list[list[int | None]]:

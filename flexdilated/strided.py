@@ -35,12 +35,14 @@ INT32_ELEMENTS = 2**31  # flex and Inductor index with int32: one call's q spans
 @dataclass(frozen=True)
 class HeadClass:
     """Heads ``range(*q_heads)`` of one branch, all with offset ``offset``, reading kv heads ``range(*kv_heads)``
-    (fewer of them when several query heads share one: flex's GQA). ``branch`` is restricted to these heads."""
+    (fewer of them when several query heads share one: flex's GQA). ``branch`` is restricted to these heads;
+    ``pattern`` numbers the branch it comes from (two patterns may be equal: each is merged as its own)."""
 
     branch: Branch
     offset: int
     q_heads: tuple[int, int, int]
     kv_heads: tuple[int, int, int]
+    pattern: int
 
 
 def _progression(xs: list[int]) -> tuple[int, int, int] | None:
@@ -55,7 +57,7 @@ def head_classes(spec: DilatedSpec, num_heads: int, num_kv_heads: int) -> tuple[
     """The classes of every branch, or None if some class is not a strided view of q or of k."""
     group = num_heads // num_kv_heads
     out = []
-    for branch in branches(spec, num_heads):
+    for pattern, branch in enumerate(branches(spec, num_heads)):
         by_offset: dict[int, list[int]] = {}
         for h, o in zip(branch.heads, branch.offsets):
             by_offset.setdefault(o, []).append(h)
@@ -72,7 +74,7 @@ def head_classes(spec: DilatedSpec, num_heads: int, num_kv_heads: int) -> tuple[
             at = [branch.heads.index(h) for h in heads]
             earlier = tuple((w, r, tuple(offs[i] for i in at)) for w, r, offs in branch.earlier)
             sub = Branch(branch.segment, branch.rate, tuple(heads), (o,) * len(heads), earlier)
-            out.append(HeadClass(sub, o, q_heads, kv_heads))
+            out.append(HeadClass(sub, o, q_heads, kv_heads, pattern))
     return tuple(out)
 
 
@@ -115,7 +117,7 @@ def _restrict(classes: tuple[HeadClass, ...], start: int, stop: int, group: int)
             earlier = tuple((w, r, tuple(o_e[i] for i in at)) for w, r, o_e in b.earlier)
             sub = Branch(b.segment, b.rate, tuple(heads), tuple(b.offsets[i] for i in at), earlier)
             kv = sorted({h // group for h in heads})
-            out.append(HeadClass(sub, cls.offset, _progression(heads), _progression(kv)))
+            out.append(HeadClass(sub, cls.offset, _progression(heads), _progression(kv), cls.pattern))
     return tuple(out)
 
 
@@ -228,16 +230,17 @@ def _strided_attention(q, k, v, classes: tuple[HeadClass, ...], tables, table_in
     (2.25 -> 1.40 ms at N = 2**20, `perf/NOTES.md`)."""
     B, H, C, W, D = q.shape
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-    by_pattern: dict[tuple[int, int], list] = {}
+    by_pattern: dict[int, list] = {}
     for cls, index in zip(classes, table_index):
         parts = [
             _folded_flex(q[b : b + 1], k[b : b + 1], v[b : b + 1], cls, tables[index], causal, scale)
             for b in range(B)
         ]
         o, lse = (torch.cat(x) if B > 1 else x[0] for x in zip(*parts))
-        by_pattern.setdefault((cls.branch.segment, cls.branch.rate), []).append((cls, o, lse))
+        by_pattern.setdefault(cls.pattern, []).append((cls, o, lse))
     lses, outs = [], []
-    for (w, r), parts in by_pattern.items():
+    for parts in by_pattern.values():
+        w, r = parts[0][0].branch.segment, parts[0][0].branch.rate
         place = _place_all if _is_all([c for c, _, _ in parts], H, r) else _place
         lses.append(place([(c, lse.to(acc)) for c, _, lse in parts], H, w, r, float("-inf")))
         outs.append(place([(c, o) for c, o, _ in parts], H, w, r, 0.0))

@@ -108,3 +108,35 @@ def test_bad_spec_type():
 def test_bad_mask_arguments(heads, seq_len, match):
     with pytest.raises(ValueError, match=match):
         dilated_mask(SPEC, heads, seq_len)
+
+
+def test_spec_takes_integer_like_scalars():
+    np = pytest.importorskip("numpy")
+    spec = DilatedSpec((np.int64(8), torch.tensor(16)), [np.int32(1), torch.tensor(2, dtype=torch.int16)])
+    assert spec == DilatedSpec((8, 16), (1, 2))
+    assert all(type(x) is int for x in spec.segment_lengths + spec.dilation_rates)
+    for bad in (np.bool_(True), torch.tensor(True), torch.tensor(2.0), np.float64(8.0), torch.tensor([8])):
+        with pytest.raises(ValueError, match="segment_lengths must hold positive ints up to 2\\*\\*63 - 1"):
+            DilatedSpec((bad,), (1,))
+
+
+@pytest.mark.parametrize("w", [2**31, 2**40, 2**63 - 1])
+@pytest.mark.parametrize("causal", [False, True])
+def test_segments_far_longer_than_the_sequence(w, causal):
+    """A "whole sequence" segment of any size up to the int64 range works (no int32 overflow inside)."""
+    from flexdilated import reference_dilated_attention
+
+    spec = DilatedSpec((w, 16), (3, 2), causal=causal)
+    q, k, v = (torch.randn(2, 6, 50, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    out, lse = dilated_attention(q, k, v, spec, return_lse=True)
+    ref, ref_lse = reference_dilated_attention(q, k, v, spec, return_lse=True)
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(lse, ref_lse)
+    grads = torch.autograd.grad(out.sum(), (q, k, v))
+    for g, r in zip(grads, torch.autograd.grad(ref.sum(), (q, k, v))):
+        torch.testing.assert_close(g, r)
+
+
+def test_segment_beyond_int64_is_refused():
+    with pytest.raises(ValueError, match=r"segment_lengths must hold positive ints up to 2\*\*63 - 1"):
+        DilatedSpec((2**63,), (1,))

@@ -23,7 +23,7 @@ def strided_problems(draw):
     free: ``w % r != 0`` (offsets with L and L - 1 rows) and rows that are no multiple of the 128-block included."""
     W = draw(st.sampled_from([96, 256, 384, 768]))
     divisors = [d for d in range(16, W + 1) if W % d == 0]
-    segments = sorted(set(draw(st.lists(st.sampled_from(divisors), max_size=2))) | {W})
+    segments = sorted(draw(st.lists(st.sampled_from(divisors), max_size=2)) + [W])  # equal patterns too
     rates = [draw(st.sampled_from([r for r in (1, 2, 3, 4, 5, 6) if r <= w // 8])) for w in segments]
     spec = DilatedSpec(
         segments, rates, causal=draw(st.booleans()), heads=draw(st.sampled_from(["all", "grouped"])),
@@ -152,3 +152,14 @@ def test_traced_inside_a_user_compile(heads_per_call):
     with mock.patch.object(strided, "INT32_ELEMENTS", heads_per_call * 1024 * 16):  # 8: one call per batch entry
         out = torch.compile(f, fullgraph=True, backend="eager")(q, k, v)
     torch.testing.assert_close(out, reference_dilated_attention(q * 2, k, v, spec, scale=0.5), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("overlap", ["multiset", "set"])
+def test_equal_patterns_are_merged_as_two(overlap):
+    """Two equal (w, r) patterns are two branches: multiset counts their keys twice (LSE + log 2), set once."""
+    spec = DilatedSpec((48, 96, 96), (1, 2, 2), overlap=overlap)
+    q, k, v = (torch.randn(1, 4, 192, 16, dtype=torch.float64) for _ in range(3))
+    out, lse = run_strided(q, k, v, spec)
+    ref, ref_lse = reference_dilated_attention(q, k, v, spec, scale=0.5, return_lse=True)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+
