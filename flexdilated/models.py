@@ -50,7 +50,8 @@ class Block(nn.Module):
     """Pre-LN block: ``x + attn(LN(x))``, with ``cross`` then ``x + cross(LN(x), memory)``, then ``x + ffn(LN(x))``.
 
     ``attn`` is dilated self-attention (causal or not, ``key_padding_mask`` on its keys, or ``decode`` with a KV
-    cache); ``cross`` is dense attention to ``memory`` (the encoder's output), ``memory_padding_mask`` on its keys.
+    cache); ``cross`` is dense attention to ``memory`` (the encoder's output), ``memory_padding_mask`` on its keys,
+    or to ``memory_kv``, the memory's keys and values from ``cross.project_memory`` (decoding).
     """
 
     def __init__(
@@ -85,6 +86,7 @@ class Block(nn.Module):
         memory: torch.Tensor | None = None,
         memory_padding_mask: torch.Tensor | None = None,
         cache: dict | None = None,
+        memory_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         h = self.attn_norm(x)
         if cache is None:
@@ -92,7 +94,11 @@ class Block(nn.Module):
         else:
             x = x + self.attn.decode(h, cache)
         if self.cross is not None:
-            x = x + self.cross(self.cross_norm(x), memory, memory_padding_mask)
+            h = self.cross_norm(x)
+            if memory_kv is None:
+                x = x + self.cross(h, memory, memory_padding_mask)
+            else:
+                x = x + self.cross.attend(h, memory_kv, memory_padding_mask)
         return x + self.ff(self.ff_norm(x))
 
 
@@ -130,6 +136,13 @@ def _check_tokens(name: str, tokens: torch.Tensor) -> None:
         )
 
 
+def _check_pair(src: torch.Tensor, tgt: torch.Tensor, tgt_name: str) -> None:
+    _check_tokens("src", src)
+    _check_tokens(tgt_name, tgt)
+    if tgt.shape[0] != src.shape[0]:
+        raise ValueError(f"src and {tgt_name} must have the same batch size, got {src.shape[0]} and {tgt.shape[0]}")
+
+
 def _check_padding_mask(name: str, mask: torch.Tensor | None, tokens: torch.Tensor) -> None:
     if mask is not None and (
         not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.shape != tokens.shape
@@ -138,6 +151,31 @@ def _check_padding_mask(name: str, mask: torch.Tensor | None, tokens: torch.Tens
             f"{name} must be a bool tensor shaped like its tokens {tuple(tokens.shape)} (True = padding), "
             f"got {getattr(mask, 'dtype', type(mask).__name__)} {tuple(getattr(mask, 'shape', ()))}"
         )
+
+
+def _check_generate_args(max_new_tokens, temperature, top_k, vocab_size: int, eos_token=None) -> None:
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature >= 0:
+        raise ValueError(f"temperature must be a number >= 0 (0: greedy), got {temperature!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or not 0 < top_k <= vocab_size):
+        raise ValueError(f"top_k must be None or an int in [1, {vocab_size}], got {top_k!r}")
+    if eos_token is not None and (
+        isinstance(eos_token, bool) or not isinstance(eos_token, int) or not 0 <= eos_token < vocab_size
+    ):
+        raise ValueError(f"eos_token must be None or a token id in [0, {vocab_size}), got {eos_token!r}")
+
+
+def _sample(logits: torch.Tensor, temperature: float, top_k: int | None, generator) -> torch.Tensor:
+    """The next token (B, 1) from the last logits (B, vocab): argmax for temperature 0, else a sample of
+    ``softmax(logits / temperature)`` restricted to the ``top_k`` largest."""
+    if temperature == 0:
+        return logits.argmax(-1, keepdim=True)
+    logits = logits / temperature
+    if top_k is not None:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator)
 
 
 def _rotary(position: str | None, head_dim: int, causal: bool) -> RotaryEmbedding | None:
@@ -209,15 +247,7 @@ class LongNetLM(nn.Module):
         caches: list[dict] = [{} for _ in self.blocks]
         tokens, step = prompt, prompt
         for _ in range(max_new_tokens):
-            logits = self.step(step, caches)[:, -1].float()
-            if temperature == 0:
-                nxt = logits.argmax(-1, keepdim=True)
-            else:
-                logits = logits / temperature
-                if top_k is not None:
-                    kth = logits.topk(top_k, dim=-1).values[:, -1:]
-                    logits = logits.masked_fill(logits < kth, float("-inf"))
-                nxt = torch.multinomial(logits.softmax(-1), 1, generator=generator)
+            nxt = _sample(self.step(step, caches)[:, -1].float(), temperature, top_k, generator)
             tokens = torch.cat((tokens, nxt), dim=1)
             step = nxt
         return tokens
@@ -282,16 +312,23 @@ class LongNetEncoder(nn.Module):
 
 
 class LongNet(nn.Module):
-    """Encoder–decoder: ``forward(src (B, Ns), tgt (B, Nt), src_key_padding_mask=None) -> logits (B, Nt, tgt_vocab)``.
+    """Encoder–decoder: ``forward(src (B, Ns), tgt (B, Nt), src_key_padding_mask=None, tgt_key_padding_mask=None)
+    -> logits (B, Nt, tgt_vocab)``; `loss`, `generate` (with `init_caches` and `step`).
 
     ``memory = LongNetEncoder(src)``; the decoder is ``head(LN(blocks(embed(tgt))))``, each block causal dilated
     self-attention, dense cross-attention to ``memory`` (`MultiheadCrossAttention`: ``src_key_padding_mask`` keys
     take no part in it) and the feed-forward: the structure of dilated-attention-pytorch's LongNet, with residual
     connections, dense cross-attention (a dilated pattern relates positions of one sequence) and MAGNETO's
-    encoder–decoder gains (module docstring). ``tie_embeddings`` ties the decoder's input and output embeddings.
-    ``num_kv_heads`` (GQA), ``position`` (RoPE or none: XPOS is for the causal LM only), ``heads`` and ``overlap``
-    apply to the dilated self-attentions; ``checkpointing`` recomputes the activations of every block, encoder's and
-    decoder's, in backward.
+    encoder–decoder gains (module docstring). ``tgt_key_padding_mask`` (B, Nt) bool, True = padding, removes those
+    target tokens from the keys of the decoder's self-attention (left padding then never reaches the real tokens;
+    the logits at padded positions mean nothing), and `loss` leaves them out. ``tie_embeddings`` ties the decoder's
+    input and output embeddings. ``num_kv_heads`` (GQA), ``position`` (RoPE or none: XPOS is for the causal LM
+    only), ``heads`` and ``overlap`` apply to the dilated self-attentions; ``checkpointing`` recomputes the
+    activations of every block, encoder's and decoder's, in backward.
+
+    `generate` encodes ``src`` once, projects the memory to each layer's cross-attention keys and values once
+    (`init_caches`), then decodes with the self-attention KV cache of `MultiheadDilatedAttention.decode` (the target
+    prefix whole, then one token at a time, `step`): its logits equal those of `forward` on the generated sequence.
     """
 
     def __init__(
@@ -344,24 +381,99 @@ class LongNet(nn.Module):
         self.encoder.checkpointing = value
 
     def forward(
-        self, src: torch.Tensor, tgt: torch.Tensor, src_key_padding_mask: torch.Tensor | None = None
+        self,
+        src: torch.Tensor,
+        tgt: torch.Tensor,
+        src_key_padding_mask: torch.Tensor | None = None,
+        tgt_key_padding_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        _check_tokens("src", src)
-        _check_tokens("tgt", tgt)
-        if tgt.shape[0] != src.shape[0]:
-            raise ValueError(f"src and tgt must have the same batch size, got {src.shape[0]} and {tgt.shape[0]}")
+        _check_pair(src, tgt, "tgt")
         _check_padding_mask("src_key_padding_mask", src_key_padding_mask, src)
+        _check_padding_mask("tgt_key_padding_mask", tgt_key_padding_mask, tgt)
         memory = self.encoder(src, src_key_padding_mask)
         x = _run_blocks(
             self.blocks, self.embed(tgt), self.checkpointing and self.training,
-            memory=memory, memory_padding_mask=src_key_padding_mask,
+            key_padding_mask=tgt_key_padding_mask, memory=memory, memory_padding_mask=src_key_padding_mask,
         )
         return self.head(self.norm(x))
 
     def loss(
-        self, src: torch.Tensor, tgt: torch.Tensor, src_key_padding_mask: torch.Tensor | None = None
+        self,
+        src: torch.Tensor,
+        tgt: torch.Tensor,
+        src_key_padding_mask: torch.Tensor | None = None,
+        tgt_key_padding_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Mean cross-entropy with teacher forcing: predict tgt[:, 1:] from src and tgt[:, :-1] (tgt starts with a
-        start token)."""
-        logits = self(src, tgt[:, :-1], src_key_padding_mask)
-        return F.cross_entropy(logits.flatten(0, 1).float(), tgt[:, 1:].flatten())
+        start token). With ``tgt_key_padding_mask`` (B, Nt) the mean is over the real target tokens only: a target
+        counts where neither it nor its input token (the one before it) is padding, so padding is never predicted
+        and, with left padding, the start token is not predicted from padding. No real target at all gives 0."""
+        _check_tokens("tgt", tgt)
+        _check_padding_mask("tgt_key_padding_mask", tgt_key_padding_mask, tgt)
+        if tgt_key_padding_mask is None:
+            logits = self(src, tgt[:, :-1], src_key_padding_mask)
+            return F.cross_entropy(logits.flatten(0, 1).float(), tgt[:, 1:].flatten())
+        pad = tgt_key_padding_mask
+        logits = self(src, tgt[:, :-1], src_key_padding_mask, pad[:, :-1])
+        losses = F.cross_entropy(logits.flatten(0, 1).float(), tgt[:, 1:].flatten(), reduction="none")
+        keep = ~(pad[:, 1:] | pad[:, :-1]).flatten()
+        return losses.masked_fill(~keep, 0.0).sum() / keep.sum().clamp(min=1)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        src: torch.Tensor,
+        tgt_prefix: torch.Tensor,
+        max_new_tokens: int,
+        *,
+        src_key_padding_mask: torch.Tensor | None = None,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        generator: torch.Generator | None = None,
+        eos_token: int | None = None,
+    ) -> torch.Tensor:
+        """Sample ``max_new_tokens`` after ``tgt_prefix`` (B, P) (at least a start token) given ``src`` (B, Ns), as
+        `LongNetLM.generate`: temperature 0 is greedy, ``top_k`` keeps the k likeliest. ``src`` is encoded once and
+        its memory projected to each layer's cross-attention keys and values once (`init_caches`); the decoder's
+        self-attention runs on a KV cache (`step`). With ``eos_token``, a row that has produced it produces only it
+        after, and generation stops once every row has. Returns (B, P + n), n = max_new_tokens unless stopped early.
+        The prefix must be unpadded (equal lengths): decoding takes no target padding mask."""
+        _check_pair(src, tgt_prefix, "tgt_prefix")
+        if tgt_prefix.shape[1] == 0:
+            raise ValueError("tgt_prefix must hold at least one token (a start token), got length 0")
+        _check_generate_args(max_new_tokens, temperature, top_k, self.head.out_features, eos_token)
+        caches = self.init_caches(src, src_key_padding_mask)
+        tokens, step = tgt_prefix, tgt_prefix
+        done = torch.zeros(tgt_prefix.shape[0], dtype=torch.bool, device=tgt_prefix.device)
+        for _ in range(max_new_tokens):
+            nxt = _sample(self.step(step, caches)[:, -1].float(), temperature, top_k, generator).to(tokens.dtype)
+            if eos_token is not None:
+                nxt = nxt.masked_fill(done[:, None], eos_token)
+                done |= nxt[:, 0] == eos_token
+            tokens = torch.cat((tokens, nxt), dim=1)
+            step = nxt
+            if eos_token is not None and done.all():
+                break
+        return tokens
+
+    def init_caches(self, src: torch.Tensor, src_key_padding_mask: torch.Tensor | None = None) -> list[dict]:
+        """The decoding state of ``src`` (B, Ns) for `step`, one dict per decoder layer: the memory's keys and
+        values for its cross-attention (``src`` encoded once, projected once per layer), the source padding mask,
+        and the (empty) KV cache of its self-attention."""
+        _check_tokens("src", src)
+        _check_padding_mask("src_key_padding_mask", src_key_padding_mask, src)
+        memory = self.encoder(src, src_key_padding_mask)
+        return [
+            {"self": {}, "memory_kv": block.cross.project_memory(memory), "memory_padding_mask": src_key_padding_mask}
+            for block in self.blocks
+        ]
+
+    def step(self, tokens: torch.Tensor, caches: list[dict]) -> torch.Tensor:
+        """Logits of target ``tokens`` (B, n) following the cached ones, with ``caches`` from `init_caches` (the
+        whole prefix first, then one token at a time), as `LongNetLM.step`."""
+        x = self.embed(tokens)
+        for block, cache in zip(self.blocks, caches):
+            x = block(
+                x, cache=cache["self"], memory_kv=cache["memory_kv"], memory_padding_mask=cache["memory_padding_mask"]
+            )
+        return self.head(self.norm(x))

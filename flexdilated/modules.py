@@ -279,6 +279,8 @@ class MultiheadCrossAttention(nn.Module):
     the memory-efficient kernel on GPU); a query whose memory is all padding gets attention 0 (as rows without keys
     do in `dilated_attention`), never NaN, and passes no gradient to that memory. ``dropout`` applies to the
     attention output before the sub-LayerNorm, in training mode, as in `MultiheadDilatedAttention`.
+    ``forward(query, memory, mask)`` is ``attend(query, project_memory(memory), mask)``: decoding projects the memory
+    to its keys and values once and attends each new token with `attend`.
     """
 
     gamma_init = 1.0  # read by the shared reset_parameters
@@ -323,15 +325,33 @@ class MultiheadCrossAttention(nn.Module):
                 f"memory must have the query's batch size and dtype ({query.shape[0]}, {query.dtype}), "
                 f"got ({memory.shape[0]}, {memory.dtype})"
             )
-        q = rearrange(self.q_proj(query), "b n (h d) -> b h n d", h=self.num_heads)
+        return self.attend(query, self.project_memory(memory), key_padding_mask)
+
+    def project_memory(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keys and values of ``memory`` (B, Nk, E), each (B, H, Nk, d): projected once, they serve every
+        `attend` over that memory (decoding: one projection per generate, not one per step)."""
         k = rearrange(self.k_proj(memory), "b n (h d) -> b h n d", h=self.num_heads)
         v = rearrange(self.v_proj(memory), "b n (h d) -> b h n d", h=self.num_heads)
+        return k, v
+
+    def attend(
+        self,
+        query: torch.Tensor,
+        memory_kv: tuple[torch.Tensor, torch.Tensor],
+        key_padding_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """`forward` of ``query`` (B, Nq, E) with the memory's keys and values from `project_memory`."""
+        k, v = memory_kv
+        if query.dim() != 3 or query.shape[-1] != self.embed_dim or query.shape[0] != k.shape[0]:
+            raise ValueError(f"query must be (B, N, {self.embed_dim}) with B = {k.shape[0]}, got {tuple(query.shape)}")
+        q = rearrange(self.q_proj(query), "b n (h d) -> b h n d", h=self.num_heads)
         if key_padding_mask is None:
             out = F.scaled_dot_product_attention(q, k, v)
         else:
-            if key_padding_mask.dtype != torch.bool or tuple(key_padding_mask.shape) != tuple(memory.shape[:2]):
+            memory_shape = (k.shape[0], k.shape[2])
+            if key_padding_mask.dtype != torch.bool or tuple(key_padding_mask.shape) != memory_shape:
                 raise ValueError(
-                    f"key_padding_mask must be a bool tensor of the memory's (B, N) = {tuple(memory.shape[:2])} "
+                    f"key_padding_mask must be a bool tensor of the memory's (B, N) = {memory_shape} "
                     f"(True = padding), got {key_padding_mask.dtype} {tuple(key_padding_mask.shape)}"
                 )
             keep = ~key_padding_mask

@@ -207,3 +207,183 @@ def test_bad_forward_arguments():
     for call, match in cases:
         with pytest.raises(ValueError, match=match):
             call()
+
+
+def recording_steps(model: LongNet) -> list:
+    """Record the logits of every `step` that `generate` makes (an instance attribute shadows the method)."""
+    logits, step = [], model.step
+
+    def record(tokens, caches):
+        out = step(tokens, caches)
+        logits.append(out)
+        return out
+
+    model.step = record
+    return logits
+
+
+GREEDY, TOP_K = dict(temperature=0), dict(temperature=1.0, top_k=5)
+
+
+@pytest.mark.parametrize(
+    "segments, rates, padded, sampling",
+    [
+        ((8, 16), (1, 2), False, GREEDY),
+        ((8, 16), (1, 2), True, TOP_K),
+        ((4, 6, 12), (1, 2, 3), True, GREEDY),
+        ((4, 6, 12), (1, 2, 3), False, TOP_K),
+    ],
+)
+def test_generate_logits_equal_full_forward(segments, rates, padded, sampling):
+    # decoded length 5 + 20 = 25 exceeds every segment: steps cross segment boundaries of every branch
+    torch.manual_seed(0)
+    model = perturb(LongNet(30, 40, 16, 1, 2, 4, segments, rates, num_kv_heads=2).double(), 3).eval()
+    src, prefix = torch.randint(0, 30, (3, 33)), torch.randint(0, 40, (3, 5))
+    pad = None
+    if padded:  # padding at the end, at the start (both leave some keys), everything
+        pad = torch.zeros(3, 33, dtype=torch.bool)
+        pad[0, 25:], pad[1, :4], pad[2] = True, True, True
+    steps = recording_steps(model)
+    g = torch.Generator().manual_seed(1)
+    out = model.generate(src, prefix, 20, src_key_padding_mask=pad, generator=g, **sampling)
+    assert out.shape == (3, 25) and torch.equal(out[:, :5], prefix)
+    assert [s.shape[1] for s in steps] == [5] + [1] * 19  # the prefix whole, then one token at a time
+    full = model(src, out, pad)
+    torch.testing.assert_close(torch.cat(steps, dim=1), full[:, :-1], rtol=1e-10, atol=1e-10)
+    if sampling["temperature"] == 0:
+        assert torch.equal(out[:, 5:], full[:, 4:-1].argmax(-1))
+    else:  # top_k: every sampled token is among the 5 likeliest
+        kth = full[:, 4:-1].topk(5, dim=-1).values[..., -1]
+        assert (full[:, 4:-1].gather(-1, out[:, 5:, None])[..., 0] >= kth).all()
+
+
+def test_generate_encodes_and_projects_the_memory_once():
+    model = small_longnet()  # decoder_depth 2
+    counts = {"encoder": 0, "k_proj": 0, "v_proj": 0}
+
+    def counter(name):
+        def hook(*_):
+            counts[name] += 1
+
+        return hook
+
+    model.encoder.register_forward_hook(counter("encoder"))
+    for block in model.blocks:
+        block.cross.k_proj.register_forward_hook(counter("k_proj"))
+        block.cross.v_proj.register_forward_hook(counter("v_proj"))
+    out = model.generate(torch.randint(0, 30, (2, 20)), torch.randint(0, 40, (2, 3)), 8, temperature=0)
+    assert out.shape == (2, 11)
+    assert counts == {"encoder": 1, "k_proj": 2, "v_proj": 2}  # not 2 × 8 steps
+
+
+def test_generate_stops_at_eos():
+    model = small_longnet()
+    src, prefix = torch.randint(0, 30, (3, 20)), torch.randint(0, 40, (3, 4))
+    free = model.generate(src, prefix, 12, temperature=0)
+    eos = int(free[0, 4])  # row 0 produces it first
+    out = model.generate(src, prefix, 12, temperature=0, eos_token=eos)
+    expected = free.clone()
+    for row in expected:
+        hits = (row[4:] == eos).nonzero()
+        if len(hits):
+            row[4 + hits[0, 0] :] = eos
+    done = (expected[:, 4:] == eos).cummax(dim=1).values.all(dim=0)  # after each new token: has every row finished?
+    length = 4 + (int(done.nonzero()[0, 0]) + 1 if done.any() else 12)
+    assert torch.equal(out, expected[:, :length])
+    assert (out[0, 4:] == eos).all()
+
+
+@pytest.mark.parametrize("position", ["rope", None])
+def test_left_padded_target_equals_the_unpadded_target_alone(position):
+    # a pattern dense over the whole target: a left-padded row, with the mask, is the unpadded row shifted (positions
+    # enter only as differences), so its logits at the real tokens are those of the real tokens alone
+    torch.manual_seed(0)
+    model = perturb(LongNet(30, 40, 16, 1, 2, 4, (32,), (1,), position=position).double(), 3).eval()
+    src, tgt = torch.randint(0, 30, (3, 17)), torch.randint(0, 40, (3, 20))
+    lefts = (0, 6, 13)
+    pad = torch.arange(20)[None] < torch.tensor(lefts)[:, None]
+    logits = model(src, tgt, None, pad)
+    for b, left in enumerate(lefts):
+        alone = model(src[b : b + 1], tgt[b : b + 1, left:])[0]
+        torch.testing.assert_close(logits[b, left:], alone, rtol=1e-10, atol=1e-10)
+    assert not torch.allclose(model(src, tgt)[2, 13:], logits[2, 13:])  # without the mask the padding does matter
+
+
+def test_target_padding_never_reaches_real_tokens():
+    # dilated decoder self-attention, left padding (right padding sits after every real query of a causal decoder:
+    # it never matters): the logits at real positions do not depend on the padded tokens with the mask, do without
+    model = small_longnet(num_kv_heads=2)
+    src, tgt = torch.randint(0, 30, (3, 33)), torch.randint(0, 40, (3, 30))
+    spad = torch.zeros(3, 33, dtype=torch.bool)
+    spad[1, 29:] = True
+    pad = torch.zeros(3, 30, dtype=torch.bool)
+    pad[0, :5], pad[1, :19], pad[2, 10:14] = True, True, True  # left (within a segment, past one), in the middle
+    logits = model(src, tgt, spad, pad)
+    other = torch.where(pad, (tgt + 1 + torch.randint(0, 38, tgt.shape)) % 40, tgt)
+    assert (other != tgt)[pad].all()
+    torch.testing.assert_close(model(src, other, spad, pad)[~pad], logits[~pad], rtol=1e-12, atol=1e-12)
+    assert torch.isfinite(logits).all()
+    unmasked = model(src, other, spad)
+    for b in range(3):
+        assert not torch.allclose(unmasked[b][~pad[b]], logits[b][~pad[b]])
+
+
+def test_loss_is_the_mean_over_real_targets():
+    model = small_longnet()
+    src, tgt = torch.randint(0, 30, (3, 21)), torch.randint(0, 40, (3, 18))
+    pad = torch.zeros(3, 18, dtype=torch.bool)
+    pad[0, 12:], pad[1, :7] = True, True  # right padding, left padding, none
+    logits = model(src, tgt[:, :-1], None, pad[:, :-1]).float()  # loss takes the cross-entropy in float32
+    terms = []
+    for b in range(3):
+        for t in range(17):
+            if not pad[b, t] and not pad[b, t + 1]:  # a real target after a real input
+                terms.append(-logits[b, t].log_softmax(-1)[tgt[b, t + 1]])
+    assert len(terms) == 11 + 10 + 17
+    expected = torch.stack(terms).mean()
+    loss = model.loss(src, tgt, None, pad)
+    torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-6)
+    other = torch.where(pad, (tgt + 7) % 40, tgt)
+    torch.testing.assert_close(model.loss(src, other, None, pad), loss, rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(model.loss(src, tgt), loss)
+    none = torch.zeros_like(pad)
+    # an all-False mask: the same mean, summed in another order (float32)
+    torch.testing.assert_close(model.loss(src, tgt, None, none), model.loss(src, tgt), rtol=1e-6, atol=1e-6)
+    # training with left padding: finite gradients everywhere (padded queries reach no key: 0, never NaN)
+    model.train()
+    model.loss(src, tgt, None, pad).backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+    assert model.loss(src, tgt, None, torch.ones_like(pad)).item() == 0.0  # no real target: 0, not NaN
+
+
+def test_bad_generate_and_target_padding_arguments():
+    model = LongNet(10, 12, 16, 1, 1, 2, (8,), (1,))
+    src, tgt = torch.randint(0, 10, (2, 8)), torch.randint(0, 12, (2, 6))
+    spad, tpad = torch.zeros(2, 8, dtype=torch.bool), torch.zeros(2, 6, dtype=torch.bool)
+    cases = [
+        (lambda: model(src, tgt, None, tpad.int()), "tgt_key_padding_mask must be a bool tensor"),
+        (lambda: model(src, tgt, spad, tpad[:, :4]), "tgt_key_padding_mask must be a bool tensor"),
+        (lambda: model.loss(src, tgt, None, tpad[:1]), "tgt_key_padding_mask must be a bool tensor"),
+        (lambda: model.loss(src, tgt.float()), "tgt must be an int tensor"),
+        (lambda: model.generate(src, tgt.float(), 3), "tgt_prefix must be an int tensor"),
+        (lambda: model.generate(src, tgt[:1], 3), "src and tgt_prefix must have the same batch size"),
+        (lambda: model.generate(src.float(), tgt, 3), "src must be an int tensor"),
+        (lambda: model.generate(src, tgt[:, :0], 3), "tgt_prefix must hold at least one token"),
+        (lambda: model.generate(src, tgt, 3, src_key_padding_mask=tpad), "src_key_padding_mask must be a bool"),
+        (lambda: model.generate(src, tgt, -1), "max_new_tokens must be an int >= 0"),
+        (lambda: model.generate(src, tgt, 2.0), "max_new_tokens must be an int >= 0"),
+        (lambda: model.generate(src, tgt, 3, temperature=-0.5), "temperature must be a number >= 0"),
+        (lambda: model.generate(src, tgt, 3, top_k=0), r"top_k must be None or an int in \[1, 12\]"),
+        (lambda: model.generate(src, tgt, 3, top_k=13), r"top_k must be None or an int in \[1, 12\]"),
+        (lambda: model.generate(src, tgt, 3, eos_token=12), r"eos_token must be None or a token id in \[0, 12\)"),
+    ]
+    cross = model.blocks[0].cross
+    kv = cross.project_memory(torch.randn(2, 5, 16))
+    cases += [
+        (lambda: cross.attend(torch.randn(3, 4, 16), kv), r"query must be \(B, N, 16\) with B = 2"),
+        (lambda: cross.attend(torch.randn(2, 4, 16), kv, spad), "key_padding_mask must be a bool tensor"),
+    ]
+    for call, match in cases:
+        with pytest.raises(ValueError, match=match):
+            call()
+    assert torch.equal(model.generate(src, tgt, 0), tgt)
