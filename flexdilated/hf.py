@@ -5,14 +5,14 @@ Usage::
     import flexdilated.hf
     from transformers import AutoModelForCausalLM
     name = flexdilated.hf.register("flexdilated", segment_lengths=(2048, 4096), dilation_rates=(1, 2))
-    model = AutoModelForCausalLM.from_config(config, attn_implementation=name)  # or model.set_attn_implementation(name)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=name)  # or .set_attn_implementation(name)
     out = model.generate(input_ids, attention_mask=attention_mask, max_new_tokens=32)
 
 `register` adds one attention function to transformers' ``AttentionInterface`` and one mask function to its
 ``AttentionMaskInterface``, both under ``name``. Every layer of a model with that ``attn_implementation`` then
 runs `flexdilated.dilated_attention` (causal iff the layer's ``is_causal``, default True; ``scaling`` is the scale).
 
-Query rows: with ``Nq == L`` keys (prefill, training) the whole `dilated_attention`; one query against a cache
+Query rows, with ``L`` keys: ``Nq == L`` (prefill, training) the whole `dilated_attention`; one query against a cache
 (decoding) `dilated_attention_step`; ``1 < Nq < L`` (chunked prefill, assisted decoding) the exact rows of the
 dense reference for the queries at positions ``L - Nq .. L - 1`` (it reads only the keys of their segments).
 
@@ -29,7 +29,9 @@ as is and is checked the same way (bool: True = attend; float: 0 = attend, ``-in
 
 The pattern is laid on the index in the (padded) sequence: with left padding a token's segments shift with the
 padding length (exact dilated attention with the pad keys removed, but not what the same prompt gets unpadded,
-unless one segment covers it all). Key padding takes `dilated_attention`'s dense route on every device.
+unless one segment covers it all). Key padding takes `dilated_attention`'s math route (no compiled flex kernel)
+on every device. Causality is the module's alone: a mask request is accepted if it is causal or bidirectional
++ padding, but which of the two it was is not checked against ``is_causal``.
 
 Raises ``ValueError`` for what it cannot express: ``dropout`` > 0 (training with ``attention_dropout``),
 ``sliding_window``, ``softcap``, attention sinks (``s_aux``), ``position_bias``, ``output_attentions``.
