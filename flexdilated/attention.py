@@ -69,6 +69,10 @@ def check_key_padding_mask(mask: torch.Tensor, batch: int, seq_len: int, device:
         raise ValueError(f"key_padding_mask.device must equal q.device ({device}), got {mask.device}")
 
 
+def _is_dtensor(x) -> bool:
+    return type(x).__name__ == "DTensor" and type(x).__module__.startswith("torch.distributed")
+
+
 def _use_flex(q: torch.Tensor) -> bool:
     """The compiled flex route: CUDA, half or single precision, head dim >= 16 (flex's smallest)."""
     return q.is_cuda and q.dtype in FLEX_DTYPES and q.shape[-1] >= 16
@@ -102,6 +106,7 @@ def dilated_attention(
     scale: float | None = None,
     return_lse: bool = False,
     key_padding_mask: torch.Tensor | None = None,
+    sequence_parallel: str = "all_gather",
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Dilated attention of SPEC §1.
 
@@ -111,7 +116,16 @@ def dilated_attention(
     (``min(m, 1)`` for ``overlap="set"``); rows that reach no key give 0 and LSE -inf.
     ``key_padding_mask`` (B, N) bool, True where a key is padding, removes those keys from every pattern (as in
     ``nn.MultiheadAttention``); it takes the dense route (`kernels.math_route`) on every device.
+    DTensors sharded along the sequence (``Shard(2)``) run sequence-parallel (`distributed.py`), the keys of
+    segments that span shards exchanged by ``sequence_parallel="all_gather"`` or ``"ring"``; the result is a DTensor
+    placed like q.
     """
+    if _is_dtensor(q):
+        from .distributed import dtensor_attention
+
+        if key_padding_mask is not None:
+            raise ValueError("key_padding_mask is not supported with DTensor inputs")
+        return dtensor_attention(q, k, v, spec, scale=scale, return_lse=return_lse, algorithm=sequence_parallel)
     scale = check_inputs(q, k, v, spec, scale)
     B, H, N, D = q.shape
     spec = fit_to_length(spec, N)
@@ -163,8 +177,11 @@ def slab_length(spec: DilatedSpec, token_elements: int, seq_len: int) -> int:
     return chunk * max(1, SLAB_ELEMENTS // (token_elements * chunk))
 
 
-def _attention(q, k, v, spec: DilatedSpec, scale: float, key_padding_mask) -> tuple[torch.Tensor, torch.Tensor]:
-    """One slab: attend every branch in its gathered layout, then merge the branches by LSE in natural order.
+def _attention(
+    q, k, v, spec: DilatedSpec, scale: float, key_padding_mask, only: list[Branch] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One slab: attend every branch (or those in ``only``) in its gathered layout, then merge the branches by LSE
+    in natural order.
 
     Natural-order buffers have one extra position, N, where padding rows are scattered (`layout.natural_index`).
     """
@@ -173,7 +190,7 @@ def _attention(q, k, v, spec: DilatedSpec, scale: float, key_padding_mask) -> tu
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     results = []  # (heads, natural index, out, lse) per unit, in the gathered layout
     lses = []  # each branch's LSE in natural order, -inf where it reaches nothing
-    for branch in branches(spec, H):
+    for branch in branches(spec, H) if only is None else only:
         heads, kv_heads = head_index(branch, 1, q.device), head_index(branch, group, q.device)
         lse_branch = torch.full((B, H, N + 1), float("-inf"), dtype=acc, device=q.device)
         for unit in units(branch, N, pad_tail=_pad_tails(q) and key_padding_mask is None):

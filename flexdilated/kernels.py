@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 from torch.nn.attention.flex_attention import AuxRequest, BlockMask, flex_attention
 
-from .masks import MaskMod
+from .masks import MaskMod, _first_true
 
 MAX_ELEMENTS = 2**31 - 1  # flex indexes each of q, k, v, out with int32 offsets
 SLAB_SCORES = 2**24  # score elements per slab in the math route (64 MiB in float32)
@@ -134,6 +134,47 @@ def _slab_starts(total: int, step: int):
 def _shifted(mask_mod: MaskMod, start: int) -> MaskMod:
     """The mask_mod seen by a slab whose batch entry 0 is entry ``start`` of the whole batch."""
     return mask_mod if start == 0 else (lambda b, h, i, j: mask_mod(b + start, h, i, j))
+
+
+def math_route_rect(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask_mod: MaskMod, scale: float):
+    """(out, lse) of q (B, H, Lq, D) over k, v (B, H, Lk, D) where ``mask_mod(b, h, i, j)`` keeps (one mask for
+    every batch entry). CUDA in flex's dtypes: compiled flex with a block mask evaluated one row of query blocks at
+    a time; elsewhere dense, differentiable torch ops (O(B·H·Lq·Lk) memory: the tests' sizes)."""
+    H, Lq, Lk = q.shape[1], q.shape[2], k.shape[2]
+    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16, torch.float32) and q.shape[-1] >= 16:
+        return _flex(q, k, v, _rect_block_mask(mask_mod, H, Lq, Lk, q.device), scale)
+    h = torch.arange(H, device=q.device)[:, None, None]
+    i = torch.arange(Lq, device=q.device)[None, :, None]
+    j = torch.arange(Lk, device=q.device)[None, None, :]
+    keep = mask_mod(torch.zeros((), dtype=torch.int64, device=q.device), h, i, j)
+    s = _scores(q, k, keep, scale)
+    top = s.detach().amax(-1, keepdim=True)
+    e = torch.exp(s - torch.where(top == float("-inf"), 0.0, top))
+    total = e.sum(-1, keepdim=True)
+    empty = total == 0
+    out = (e / torch.where(empty, 1.0, total)) @ _working(v)
+    lse = torch.where(empty, float("-inf"), top + torch.log(torch.where(empty, 1.0, total))).squeeze(-1)
+    return out.to(q.dtype), lse
+
+
+def _rect_block_mask(mask_mod: MaskMod, H: int, Lq: int, Lk: int, device, block: int = 128) -> BlockMask:
+    nq, nk = -(-Lq // block), -(-Lk // block)
+    h = torch.arange(H, device=device)[:, None, None]
+    cols = torch.arange(nk * block, device=device)
+    b0 = torch.zeros((), dtype=torch.int64, device=device)
+    any_rows, all_rows = [], []
+    for qb in range(nq):
+        i = torch.arange(qb * block, (qb + 1) * block, device=device)
+        keep = mask_mod(b0, h, i.clamp(max=Lq - 1)[None, :, None], cols.clamp(max=Lk - 1)[None, None, :])
+        inside = ((i[:, None] < Lq) & (cols[None, :] < Lk)).view(1, block, nk, block)
+        keep = keep.view(H, block, nk, block)
+        any_rows.append((keep & inside).any(3).any(1))
+        all_rows.append((keep | ~inside).all(3).all(1))
+    any_, full = torch.stack(any_rows, 1), torch.stack(all_rows, 1)
+    full = full & any_
+    partial = any_ & ~full
+    tables = [x[None] for pair in (_first_true(partial), _first_true(full)) for x in pair]
+    return BlockMask.from_kv_blocks(*tables, BLOCK_SIZE=block, mask_mod=mask_mod, seq_lengths=(Lq, Lk))
 
 
 def math_route(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask_mod: MaskMod, scale: float):
