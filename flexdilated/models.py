@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .attention import _is_dtensor
 from .modules import MultiheadCrossAttention, MultiheadDilatedAttention, _positive_int
 from .positions import RotaryEmbedding
 
@@ -87,9 +88,15 @@ class Block(nn.Module):
         memory_padding_mask: torch.Tensor | None = None,
         cache: dict | None = None,
         memory_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+        sequence_mesh=None,
     ) -> torch.Tensor:
         h = self.attn_norm(x)
-        if cache is None:
+        if sequence_mesh is not None:  # x is this rank's shard of the sequence: only the attention communicates
+            from torch.distributed.tensor import DTensor, Shard
+
+            h = DTensor.from_local(h, sequence_mesh, [Shard(1)], run_check=False)
+            x = x + self.attn(h, h, h, is_causal=self.causal)[0].to_local()
+        elif cache is None:
             x = x + self.attn(h, h, h, key_padding_mask=key_padding_mask, is_causal=self.causal)[0]
         else:
             x = x + self.attn.decode(h, cache)
@@ -126,6 +133,18 @@ def _check_model_args(dim: int, num_heads: int, **sizes: int) -> None:
         _positive_int(name, value)
     if dim % num_heads:
         raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
+
+
+def _sequence_mesh(tokens):
+    """The 1-D mesh a DTensor of tokens is sharded over along the sequence (``Shard(1)``)."""
+    from torch.distributed.tensor import Shard
+
+    if tokens.device_mesh.ndim != 1 or tuple(tokens.placements) != (Shard(1),):
+        raise ValueError(
+            f"tokens must be sharded along the sequence, placements (Shard(1),) on a 1-D mesh, got "
+            f"{tuple(tokens.placements)} on a {tokens.device_mesh.ndim}-D mesh"
+        )
+    return tokens.device_mesh
 
 
 def _check_tokens(name: str, tokens: torch.Tensor) -> None:
@@ -223,14 +242,52 @@ class LongNetLM(nn.Module):
         self.checkpointing = checkpointing
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Logits (B, N, vocab). Sequence parallel: ``tokens`` a DTensor sharded along the sequence (``Shard(1)``
+        on a 1-D mesh) gives logits sharded the same way; each rank computes its shard, the attention exchanges
+        what spans shards (`MultiheadDilatedAttention`)."""
+        if _is_dtensor(tokens):
+            from torch.distributed.tensor import DTensor, Shard
+
+            mesh = _sequence_mesh(tokens)
+            local = tokens.to_local()
+            _check_tokens("tokens", local)
+            x = _run_blocks(
+                self.blocks, self.embed(local), self.checkpointing and self.training, sequence_mesh=mesh
+            )
+            return DTensor.from_local(self.head(self.norm(x)), mesh, [Shard(1)], run_check=False)
         _check_tokens("tokens", tokens)
         x = _run_blocks(self.blocks, self.embed(tokens), self.checkpointing and self.training)
         return self.head(self.norm(x))
 
-    def loss(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Mean next-token cross-entropy of ``tokens`` (B, N): predict tokens[:, 1:] from tokens[:, :-1]."""
-        logits = self(tokens[:, :-1])
-        return F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten())
+    def loss(self, tokens: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean next-token cross-entropy: of ``targets`` given ``tokens`` (both (B, N)), or without ``targets``
+        predicting tokens[:, 1:] from tokens[:, :-1].
+
+        Sequence parallel (``tokens`` and ``targets`` DTensors sharded along the sequence): a DTensor with a
+        ``Partial`` placement — each rank holds its tokens' share of the mean, ``.full_tensor()`` is the loss.
+        Its backward leaves each rank with its share of every parameter's gradient: sum them over the mesh (what
+        data parallelism over the same ranks does), e.g. ``dist.all_reduce(p.grad)``."""
+        if targets is None:
+            if _is_dtensor(tokens):
+                raise ValueError("sequence-parallel loss needs targets: shifting tokens would cross shards")
+            tokens, targets = tokens[:, :-1], tokens[:, 1:]
+        if _is_dtensor(tokens):
+            from torch.distributed.tensor import DTensor, Partial
+
+            if not _is_dtensor(targets) or targets.shape != tokens.shape or targets.placements != tokens.placements:
+                raise ValueError(
+                    f"targets must be a DTensor shaped and placed like tokens {tuple(tokens.shape)}, "
+                    f"{tokens.placements}"
+                )
+            logits = self(tokens).to_local()
+            share = F.cross_entropy(
+                logits.flatten(0, 1).float(), targets.to_local().flatten(), reduction="sum"
+            ) / targets.numel()
+            return DTensor.from_local(share, tokens.device_mesh, [Partial()], run_check=False)
+        if targets.shape != tokens.shape:
+            raise ValueError(f"targets must have the shape of tokens {tuple(tokens.shape)}, got {tuple(targets.shape)}")
+        logits = self(tokens)
+        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
 
     @torch.no_grad()
     def generate(

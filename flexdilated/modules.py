@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from .attention import dilated_attention, dilated_attention_step
+from .attention import _is_dtensor, dilated_attention, dilated_attention_step
 from .positions import RotaryEmbedding
 from .spec import DilatedSpec
 
@@ -62,6 +62,8 @@ class MultiheadDilatedAttention(nn.Module):
     projection, in training mode: FlexAttention has no dropout on the attention probabilities.
     ``num_kv_heads`` < ``num_heads`` gives grouped-query attention; ``rotary`` rotates q and k by their positions.
     ``decode`` attends new tokens against a cache of the keys and values before them (causal generation).
+    A DTensor query sharded along the sequence (``Shard(1)`` on a 1-D mesh) runs sequence-parallel, exchanging the
+    keys of segments that span shards by ``sequence_parallel`` (``"all_gather"`` or ``"ring"``, `distributed.py`).
     """
 
     def __init__(
@@ -82,10 +84,14 @@ class MultiheadDilatedAttention(nn.Module):
         device=None,
         dtype=None,
         rotary: RotaryEmbedding | None = None,
+        sequence_parallel: str = "all_gather",
     ) -> None:
         super().__init__()
         self.embed_dim = _positive_int("embed_dim", embed_dim)
         self.num_heads = _positive_int("num_heads", num_heads)
+        if sequence_parallel not in ("all_gather", "ring"):
+            raise ValueError(f"sequence_parallel must be 'all_gather' or 'ring', got {sequence_parallel!r}")
+        self.sequence_parallel = sequence_parallel
         self.num_kv_heads = _positive_int("num_kv_heads", num_heads if num_kv_heads is None else num_kv_heads)
         if embed_dim % num_heads:
             raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
@@ -159,6 +165,8 @@ class MultiheadDilatedAttention(nn.Module):
             raise ValueError("need_weights=True is not supported: dilated attention never forms the (N, N) weights")
         if query.is_nested:
             return self._forward_nested(query, key, value, attn_mask, is_causal), None
+        if _is_dtensor(query):
+            return self._forward_sequence_parallel(query, key, value, key_padding_mask, attn_mask, is_causal), None
         unbatched = query.dim() == 2
         if unbatched:
             query, key, value = (x.unsqueeze(0) for x in (query, key, value))
@@ -184,6 +192,29 @@ class MultiheadDilatedAttention(nn.Module):
         if unbatched:
             return out[0], None
         return (out if self.batch_first else out.transpose(0, 1)), None
+
+    def _forward_sequence_parallel(self, query, key, value, key_padding_mask, attn_mask, is_causal: bool):
+        """DTensor (B, N, E) sharded along the sequence (``Shard(1)``) over a 1-D mesh: projections on the local
+        shard (rotary positions from the shard's first token), `distributed.sequence_parallel_attention` with
+        ``self.sequence_parallel`` as the algorithm; the result is a DTensor placed like the query."""
+        from torch.distributed.tensor import DTensor, Shard
+
+        from .distributed import sequence_parallel_attention
+
+        if key is not query or value is not query or not self.batch_first:
+            raise ValueError("sequence-parallel attention takes batch_first self-attention (query is key is value)")
+        if query.device_mesh.ndim != 1 or tuple(query.placements) != (Shard(1),):
+            raise ValueError(
+                f"query must be sharded along the sequence, placements (Shard(1),) on a 1-D mesh, got "
+                f"{tuple(query.placements)} on a {query.device_mesh.ndim}-D mesh"
+            )
+        if key_padding_mask is not None or attn_mask is not None:
+            raise ValueError("key_padding_mask and attn_mask are not supported with sequence-parallel (DTensor) input")
+        mesh, x = query.device_mesh, query.to_local()
+        q, k, v = self._project(x, x, x, offset=mesh.get_local_rank() * x.shape[1])
+        spec = self.specs[bool(is_causal)]
+        out = sequence_parallel_attention(q, k, v, spec, mesh.get_group(), algorithm=self.sequence_parallel)
+        return DTensor.from_local(self._output(out), mesh, query.placements, run_check=False)
 
     def _forward_nested(self, query, key, value, attn_mask, is_causal: bool) -> torch.Tensor:
         """Nested (B, N_b, E) input, as ``nn.TransformerEncoder`` builds it from a padding mask in inference: run

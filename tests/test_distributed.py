@@ -117,6 +117,32 @@ def _dtensor(rank: int, world: int) -> None:
             torch.testing.assert_close(a.grad.full_tensor(), b.grad)
 
 
+def _lm(rank: int, world: int, compiled: bool) -> None:
+    """A sequence-parallel LongNetLM training step equals the single-process one: loss and summed gradients."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from flexdilated import LongNetLM
+
+    torch.manual_seed(0)
+    model = LongNetLM(50, 32, 2, 4, (8, 16, 64), (1, 2, 4), num_kv_heads=2).double()
+    tokens = torch.randint(0, 50, (2, 16 * world + 1), generator=torch.Generator().manual_seed(1))
+    ref = model.loss(tokens)
+    ref.backward()
+    expected = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad()
+
+    mesh = init_device_mesh("cpu", (world,))
+    inputs, targets = (distribute_tensor(x, mesh, [Shard(1)]) for x in (tokens[:, :-1], tokens[:, 1:]))
+    run = torch.compile(model.loss, fullgraph=True, backend="aot_eager") if compiled else model.loss
+    loss = run(inputs, targets)
+    torch.testing.assert_close(loss.full_tensor(), ref.detach())
+    loss.to_local().backward()
+    for name, p in model.named_parameters():
+        dist.all_reduce(p.grad)
+        torch.testing.assert_close(p.grad, expected[name], msg=lambda m: f"rank {rank} {name}: {m}")
+
+
 def _worker(rank: int, world: int, init_file: str, jobs: list[str]) -> None:
     dist.init_process_group(
         "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
@@ -130,6 +156,8 @@ def _worker(rank: int, world: int, init_file: str, jobs: list[str]) -> None:
                 _errors(rank, world)
             elif job == "dtensor":
                 _dtensor(rank, world)
+            elif job in ("lm", "lm compiled"):
+                _lm(rank, world, job == "lm compiled")
             elif job == "die on rank 1":
                 if rank == 1:
                     raise RuntimeError("rank 1 died")
@@ -160,7 +188,7 @@ def spawn(world: int, jobs: list[str]) -> None:
 
 
 def test_two_ranks_match_one_process():
-    spawn(2, ["all_gather", "ring", "errors", "dtensor"])
+    spawn(2, ["all_gather", "ring", "errors", "dtensor", "lm", "lm compiled"])
 
 
 def test_four_ranks_match_one_process():
