@@ -56,6 +56,7 @@ CASES = [
     (PAPER, 1, 12, 6, 65536, False, "all", "set", BF16),  # strided, w % r != 0, GQA 12/6, set
     (PAPER, 1, 12, 4, 40000, True, "all", "set", BF16),  # gather: tails
     (((2048, 4096), (2, 4)), 1, 4, 4, 10000, False, "all", "multiset", BF16),  # odd rows of even heads reach nothing
+    (((2048, 2**40), (1, 8)), 1, 8, 8, 10000, True, "all", "multiset", BF16),  # a "whole sequence" segment
 ]
 
 
@@ -169,3 +170,48 @@ def test_longnet_lm_compiles_once_per_length_on_cuda():
         opt.zero_grad()
         counts.append(counter.frame_count)
     assert counts == [1, 1, 1, 2, 2, 2]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_spanning_pattern_kernel_matches_dense(dtype):
+    """The rectangular flex call of a spanning pattern (distributed.py: local query rows of one offset against the
+    sparsified keys of g = 4 shards, true positions, causal, a set exclusion) equals the dense float64 route."""
+    from flexdilated.distributed import _mask_mod, _rows
+    from flexdilated.kernels import math_route_rect
+
+    n, r, g, j, H = 4096, 4, 4, 2, 8
+    dev = torch.device("cuda")
+    offsets = torch.arange(H, device=dev) % r
+    q_idx, q_ok = _rows(offsets, torch.tensor(j, device=dev), n, r)
+    shard = torch.arange(g, device=dev)[:, None]
+    k_all, k_ok = _rows(offsets[:r][None], shard, n, r)
+    k_pos = (shard[..., None] * n + k_all).transpose(0, 1).flatten(1)
+    earlier = ((2048, 1, (0,) * H),)
+    mask_mod = _mask_mod(q_ok, j * n + q_idx, k_ok.transpose(0, 1).flatten(1), k_pos, offsets, True, earlier, dev)
+    gen = torch.Generator(device=dev).manual_seed(0)
+    q = torch.randn(2, H, n // r, 64, device=dev, generator=gen, dtype=dtype, requires_grad=True)
+    k, v = (torch.randn(2, H, g * n // r, 64, device=dev, generator=gen, dtype=dtype, requires_grad=True) for _ in range(2))
+    out, lse = math_route_rect(q, k, v, mask_mod, 0.125)
+    (out.float().square().sum() + lse.sum()).backward()
+    exact = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    ref, ref_lse = math_route_rect(*exact, mask_mod, 0.125)
+    (ref.square().sum() + ref_lse.sum()).backward()
+    tol = TOLERANCE[dtype]
+    assert rel(out, ref) < tol and rel(lse, ref_lse) < tol
+    for a, b in zip((q, k, v), exact):
+        assert rel(a.grad, b.grad) < tol
+
+
+def test_sequence_parallel_world_size_one_on_cuda(tmp_path):
+    """World size 1 through the sequence-parallel entry point with NCCL: the single-GPU fast path, same result."""
+    import torch.distributed as dist
+
+    from flexdilated.distributed import sequence_parallel_attention
+
+    dist.init_process_group("nccl", init_method=f"file://{tmp_path}/init", rank=0, world_size=1)
+    try:
+        spec = DilatedSpec(*W1, causal=True)
+        q, k, v = (torch.randn(1, 8, 16384, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+        torch.testing.assert_close(sequence_parallel_attention(q, k, v, spec), dilated_attention(q, k, v, spec))
+    finally:
+        dist.destroy_process_group()
