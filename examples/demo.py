@@ -15,7 +15,7 @@ warnings.filterwarnings("ignore", message="Failed to initialize NumPy")  # torch
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from flexdilated import DilatedSpec, dilated_attention, dilated_mask, save_mask_png  # noqa: E402
+from flexdilated import DilatedSpec, dilated_attention, dilated_mask, plot_mask  # noqa: E402
 from flexdilated.reference import reference_rows  # noqa: E402
 
 
@@ -63,7 +63,8 @@ def main():
 
     Path(args.out).mkdir(exist_ok=True)
     small = DilatedSpec((16, 32, 64), (1, 2, 4))
-    path = save_mask_png(dilated_mask(small, num_heads=4, seq_len=64), Path(args.out) / "dilated_mask.png", scale=4)
+    path = Path(args.out) / "dilated_mask.png"
+    plot_mask(dilated_mask(small, num_heads=4, seq_len=64), path)
     print(f"pattern of {small} for heads 0-3, N=64: {path}")
 
 

@@ -26,11 +26,9 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import struct
 import sys
 import time
 import warnings
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +37,14 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from flexdilated import LongNetLM  # noqa: E402
+
+try:  # the plot extra
+    from matplotlib.figure import Figure  # noqa: E402
+    from matplotlib.ticker import PercentFormatter  # noqa: E402
+    from tqdm import tqdm  # noqa: E402
+except ImportError as e:
+    raise ImportError(f"{e.name} is missing: examples/train_lm.py needs pip install flexdilated[plot] (matplotlib, "
+                      "tqdm; make demo installs it)") from e
 
 # ------------------------------------------------------------------------------------------------------ the task
 
@@ -138,95 +144,47 @@ def evaluate(model, eval_set: torch.Tensor, task: Passkey, device: str) -> tuple
 
 
 # ------------------------------------------------------------------------------------------------------ the plot
-# a 3x5 pixel font (rows top-down, 3 bits a row) for the labels; lines drawn into an RGB byte buffer, saved as PNG
 
-FONT = dict(zip("0123456789.%:()-, abcdefghiklmnoprstuvwxy", (
-    "75557 26227 71747 71317 55711 74717 74757 71122 75757 75717 00002 51245 02020 12221 42224 00700 00024 00000 "
-    "07177 44757 07447 17557 75747 34644 07571 44755 20222 45655 62227 07775 06555 07557 07574 07444 07617 27223 "
-    "05557 05552 05575 05255 05571"
-).split()))
-PLOT_W, PLOT_H = 800, 320
-BLUE, LIGHT, ORANGE, GREY, BLACK = (31, 119, 180), (174, 199, 232), (230, 110, 0), (150, 150, 150), (40, 40, 40)
+PLOT_INCHES, PLOT_DPI = (10, 4), 100  # the PNG is 1000 x 400 pixels
+BLUE, LIGHT, ORANGE, GREY = "#1f77b4", "#aec7e8", "#e66e00", "#969696"
 
 
-class Canvas:
-    def __init__(self, width: int, height: int) -> None:
-        self.w, self.h, self.px = width, height, bytearray(b"\xff" * (width * height * 3))
-
-    def dot(self, x: float, y: float, colour, size: int = 1) -> None:
-        x0, y0 = int(round(x)), int(round(y))
-        for yy in range(max(y0, 0), min(y0 + size, self.h)):
-            for xx in range(max(x0, 0), min(x0 + size, self.w)):
-                self.px[(yy * self.w + xx) * 3 : (yy * self.w + xx) * 3 + 3] = bytes(colour)
-
-    def line(self, x0, y0, x1, y1, colour, size: int = 1, dash: int = 0) -> None:
-        n = max(1, int(max(abs(x1 - x0), abs(y1 - y0))))
-        for i in range(n + 1):
-            if not dash or (i // dash) % 2 == 0:
-                self.dot(x0 + (x1 - x0) * i / n, y0 + (y1 - y0) * i / n, colour, size)
-
-    def text(self, x: float, y: float, s: str, colour=BLACK, scale: int = 2) -> None:
-        for k, ch in enumerate(s.lower()):
-            for row, bits in enumerate(FONT.get(ch, "00000")):
-                for col in range(3):
-                    if int(bits) >> (2 - col) & 1:
-                        self.dot(x + (4 * k + col) * scale, y + row * scale, colour, scale)
-
-    def png(self, path: Path) -> Path:
-        raw = b"".join(b"\x00" + self.px[y * self.w * 3 : (y + 1) * self.w * 3] for y in range(self.h))
-
-        def chunk(kind: bytes, data: bytes) -> bytes:
-            return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-        ihdr = struct.pack(">IIBBBBB", self.w, self.h, 8, 2, 0, 0, 0)  # 8-bit RGB
-        png = chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(bytes(raw), 9)) + chunk(b"IEND", b"")
-        path.write_bytes(b"\x89PNG\r\n\x1a\n" + png)
-        return path
-
-
-def panel(c: Canvas, box, title: str, xmax: int, ymax: float, curves, hline: float, fmt: str, marks=()) -> None:
-    """Axes in ``box`` (x0, y0, x1, y1) with ``curves`` [(points [(x, y)], colour)], a dashed line at ``hline`` and
-    dotted vertical lines at the steps ``marks``."""
-    x0, y0, x1, y1 = box
-    X = lambda x: x0 + (x1 - x0) * x / max(xmax, 1)  # noqa: E731
-    Y = lambda y: y1 - (y1 - y0) * min(max(y / ymax, 0.0), 1.0)  # noqa: E731
-    for frac in (0.25, 0.5, 0.75, 1.0):
-        c.line(x0, Y(frac * ymax), x1, Y(frac * ymax), (232, 232, 232))
-        c.text(x0 - 8 - 8 * len(fmt.format(frac * ymax)), Y(frac * ymax) - 5, fmt.format(frac * ymax))
-    c.text(x0 - 16, y1 - 5, "0")
-    for m in marks:
-        c.line(X(m), y0, X(m), y1, GREY, 1, dash=2)
-    c.line(x0, y1, x1, y1, BLACK), c.line(x0, y0, x0, y1, BLACK)
-    c.line(x0, Y(hline), x1, Y(hline), GREY, 1, dash=6)
-    for points, colour in curves:
-        for (a, b), (p, q) in zip(points, points[1:]):
-            c.line(X(a), Y(b), X(p), Y(q), colour, 2)
-    for m in marks:
-        c.text(X(m) - 4 * len(str(m)), y1 + 8, str(m), GREY)
-    c.text(x1 - 8 * len(str(xmax)) + 8, y1 + 8, str(xmax)), c.text(x0 + 8, y1 + 8, "step")
-    c.text(x0 + 4, y0 - 24, title)
-
-
-def plot(history: dict, cfg: dict, chance: float, path: Path) -> Path:
+def figure(history: dict, cfg: dict, chance: float):
     """Training answer loss (each step and its mean over 20 steps) and held-out accuracy against the step, as a
-    PNG; dotted lines where the curriculum changes the sequence length."""
-    c = Canvas(PLOT_W, PLOT_H)
+    matplotlib Figure; dashed: chance, dotted: where the curriculum changes the sequence length."""
+    fig = Figure(figsize=PLOT_INCHES, dpi=PLOT_DPI, layout="constrained")
+    left, right = fig.subplots(1, 2)
     losses = history["loss"]
     smooth = [(s, sum(v for _, v in losses[max(0, i - 19) : i + 1]) / len(losses[max(0, i - 19) : i + 1]))
               for i, (s, _) in enumerate(losses)]
-    ymax = 2 * math.ceil(max([v for _, v in losses], default=2.0) / 2)
     marks = [sum(k for _, _, k in cfg["curriculum"][: i + 1]) for i in range(len(cfg["curriculum"]))]
-    steps = cfg["steps"]
-    panel(c, (60, 40, 380, 270), "answer loss (train)", steps, ymax, [(losses, LIGHT), (smooth, BLUE)],
-          math.log(1 / chance), "{:g}", marks)
-    plan = [f"{n} tokens until step {m}" for (n, _, _), m in zip(cfg["curriculum"], marks)]
-    c.text(60, 292, ", ".join(plan + [f"then {cfg['seq_len']}" if plan else f"{cfg['seq_len']} tokens"]), GREY)
+    left.plot(*zip(*losses or [(0, math.nan)]), color=LIGHT, lw=1, label="each step")
+    left.plot(*zip(*smooth or [(0, math.nan)]), color=BLUE, lw=2, label="mean over 20 steps")
+    left.axhline(math.log(1 / chance), color=GREY, ls="--", lw=1, label=f"chance (ln {round(1 / chance)})")
+    left.set(title="answer loss (train)", xlabel="step", ylabel="cross-entropy of the answer digits")
+    left.set_ylim(bottom=0)
     acc = [(s, a) for s, _, a in history["eval"]]
-    panel(c, (480, 40, 780, 270), f"held-out accuracy, {cfg['seq_len']} tokens", steps, 1.0, [(acc, ORANGE)], chance,
-          "{:.0%}", marks)
-    for s, a in acc[-1:]:
-        c.text(480, 292, f"{a:.1%} at step {s}, chance {chance:.0%} (dashed)", ORANGE)
-    return c.png(path)
+    last = "".join(f" ({a:.1%} at step {s})" for s, a in acc[-1:])
+    right.plot(*zip(*acc or [(0, math.nan)]), color=ORANGE, lw=2, marker="o", ms=4, label=f"held-out accuracy{last}")
+    right.axhline(chance, color=GREY, ls="--", lw=1, label=f"chance ({chance:.0%})")
+    right.set(title=f"held-out accuracy, {cfg['seq_len']:,} tokens", xlabel="step", ylabel="answers right",
+              ylim=(0, 1.02))
+    right.yaxis.set_major_formatter(PercentFormatter(1.0, decimals=0))
+    lengths = " \u2192 ".join(f"{n:,}" for n in [n for n, _, _ in cfg["curriculum"]] + [cfg["seq_len"]])
+    for ax in (left, right):
+        ax.set_xlim(0, cfg["steps"])
+        ax.grid(True, color="#e8e8e8", lw=0.8)
+        for i, m in enumerate(marks):
+            ax.axvline(m, color=GREY, ls=":", lw=1.2, label=f"sequence length {lengths} tokens" if i == 0 else None)
+    left.legend(loc="upper right", fontsize=8)
+    right.legend(loc="lower right", bbox_to_anchor=(1, 0.14), fontsize=8)  # above the chance line
+    return fig
+
+
+def plot(history: dict, cfg: dict, chance: float, path: Path) -> Path:
+    """`figure` saved as a PNG."""
+    figure(history, cfg, chance).savefig(path)
+    return path
 
 
 # ------------------------------------------------------------------------------------------------------ training
@@ -363,15 +321,18 @@ def main(argv=None) -> dict:
     plan = " then ".join(f"{s} steps of {b} x {n:,}" for n, b, s in cfg["curriculum"])
     print(f"training: {plan + ' then ' if plan else ''}{cfg['batch_size']} x {cfg['seq_len']:,} tokens up to step "
           f"{cfg['steps']}; held-out: {cfg['eval_size']} sequences of {cfg['seq_len']:,}")
-    steps, start_step, t0, tokens_seen = cfg["steps"], step, time.perf_counter(), 0
+    steps, start_step, t0 = cfg["steps"], step, time.perf_counter()
     stop = steps if args.stop_after is None else min(steps, args.stop_after)
+    # the bar counts tokens (steps differ in length): tok/s, and an ETA from the tokens left
+    bar = tqdm(total=sum(math.prod(stage_at(s, cfg)) for s in range(step, stop)), unit="tok", unit_scale=True,
+               smoothing=0, dynamic_ncols=True, disable=args.quiet, desc=f"step {step:>4}/{steps}")
 
     def held_out() -> None:
         history["eval"].append((step, *evaluate(run, eval_set, task, device)))
         if not args.quiet:
             _, ev_loss, acc = history["eval"][-1]
-            print(f"\rstep {step:>4}/{steps}  held-out ({cfg['eval_size']} x {task.seq_len:,}): loss {ev_loss:.3f}  "
-                  f"accuracy {acc:.1%} (chance {chance:.0%}){' ' * 12}", flush=True)
+            bar.write(f"step {step:>4}/{steps}  held-out ({cfg['eval_size']} x {task.seq_len:,}): loss {ev_loss:.3f}  "
+                      f"accuracy {acc:.1%} (chance {chance:.0%})")
 
     if step == 0 and stop > 0:
         held_out()  # the untrained model, where the accuracy curve starts
@@ -388,20 +349,16 @@ def main(argv=None) -> dict:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         step += 1
-        tokens_seen += n * b
         history["loss"].append((step, loss.item()))
-        elapsed = time.perf_counter() - t0
-        if not args.quiet:
-            eta = sum(math.prod(stage_at(s, cfg)) for s in range(step, stop)) / (tokens_seen / elapsed)
-            print(f"\rstep {step:>4}/{steps}  {b} x {n:<5,} loss {loss.item():.3f}  {tokens_seen / elapsed:,.0f} "
-                  f"tok/s  {clock(elapsed)} ETA {clock(eta)} ", end="", flush=True)
+        bar.set_description(f"step {step:>4}/{steps}", refresh=False)
+        bar.set_postfix_str(f"{b} x {n:,} loss {loss.item():.3f}", refresh=False)
+        bar.update(n * b)
         if step % cfg["eval_every"] == 0 or step == steps:
             held_out()
         if step % cfg["ckpt_every"] == 0 or step == stop:
             checkpoint()
+    bar.close()
     elapsed = time.perf_counter() - t0
-    if not args.quiet and step > start_step:
-        print()
     plot(history, cfg, chance, plot_path)
     final = history["eval"][-1] if history["eval"] else None
     if step < steps:

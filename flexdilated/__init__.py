@@ -4,7 +4,7 @@ from .attention import dilated_attention, dilated_attention_step
 from .models import LongNet, LongNetEncoder, LongNetLM
 from .modules import DilatedAttention, MultiheadCrossAttention, MultiheadDilatedAttention
 from .positions import RotaryEmbedding
-from .picture import save_mask_png
+from .picture import plot_mask
 from .reference import dilated_mask, reference_dilated_attention
 from .spec import DilatedSpec
 
@@ -14,7 +14,7 @@ __all__ = [
     "dilated_attention_step",
     "reference_dilated_attention",
     "dilated_mask",
-    "save_mask_png",
+    "plot_mask",
     "DilatedAttention",
     "MultiheadDilatedAttention",
     "MultiheadCrossAttention",

@@ -229,14 +229,12 @@ def find(records, **key):
 
 def plot(records, path):
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from matplotlib.figure import Figure  # no pyplot: no backend to switch
     except ImportError:
-        print("matplotlib not installed: no plot")
+        print("matplotlib not installed (pip install flexdilated[plot]): no plot")
         return
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
     for impl in ("flexdilated", "naive_pipeline", "dense_sdpa", "dense_core"):
         pts = sorted(
             (r["N"], r["ms"]) for r in records

@@ -1,13 +1,13 @@
 """Independent checks of the reference itself, of dilated_mask and its picture."""
 
-import struct
-import zlib
+import re
+import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from flexdilated import DilatedSpec, dilated_mask, reference_dilated_attention, save_mask_png
+from flexdilated import DilatedSpec, dilated_mask, plot_mask, reference_dilated_attention
 from flexdilated.merge import merge
 
 
@@ -79,33 +79,68 @@ def test_dilated_mask_by_hand():
     assert torch.equal(grouped[2], dense.tril())
 
 
-def read_png(path):
-    data = path.read_bytes()
-    assert data[:8] == b"\x89PNG\r\n\x1a\n"
-    width, height = struct.unpack(">II", data[16:24])
-    pos, idat = 8, b""
-    while pos < len(data):
-        (length,) = struct.unpack(">I", data[pos : pos + 4])
-        kind = data[pos + 4 : pos + 8]
-        if kind == b"IDAT":
-            idat += data[pos + 8 : pos + 8 + length]
-        pos += 12 + length
-    raw = zlib.decompress(idat)
-    rows = [raw[y * (1 + 3 * width) + 1 : (y + 1) * (1 + 3 * width)] for y in range(height)]
-    return width, height, lambda x, y: tuple(rows[y][3 * x : 3 * x + 3])
+def test_plot_mask_panels(tmp_path):
+    mpl_image = pytest.importorskip("matplotlib.image")
+    m = dilated_mask(DilatedSpec((4, 8, 16), (1, 2, 4)), num_heads=3, seq_len=16)
+    assert m.max() == 3
+    m[1, 0, 0] = 5  # more patterns than levels: drawn as 3+
+    path = tmp_path / "mask.png"
+    fig = plot_mask(m, path, title="three heads")
+    assert fig._suptitle.get_text() == "three heads"
+    assert len(fig.axes) == 3
+    for h, ax in enumerate(fig.axes):
+        assert ax.get_title() == f"head {h}"
+        assert ax.get_xlabel() == "key position t"
+        assert len(ax.images) == 1
+        assert torch.equal(torch.as_tensor(ax.images[0].get_array()).long(), m[h].clamp(max=3))
+    assert fig.axes[0].get_ylabel() == "query position p"
+    # one colour per multiplicity level, in the legend and in the image
+    (legend,) = fig.legends
+    assert [t.get_text() for t in legend.get_texts()] == ["0: not attended", "1 pattern", "2 patterns", "3+ patterns"]
+    image = fig.axes[0].images[0]
+    colours = [tuple(image.cmap(image.norm(level))) for level in range(4)]
+    assert len(set(colours)) == 4 and colours[0] == (1.0, 1.0, 1.0, 1.0)
+    assert colours == [tuple(patch.get_facecolor()) for patch in legend.get_patches()]
+    # the PNG reads back at the figure's size
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    pixels = mpl_image.imread(path)
+    width, height = fig.get_size_inches() * 150
+    assert pixels.shape[:2] == (round(height), round(width)) and pixels.shape[2] in (3, 4)
 
 
-def test_mask_picture(tmp_path):
-    m = dilated_mask(DilatedSpec((4, 8), (2, 1)), num_heads=2, seq_len=8)
-    path = save_mask_png(m, tmp_path / "mask.png", scale=2)
-    width, height, pixel = read_png(path)
-    assert (width, height) == (2 * (8 + 2 + 8), 2 * 8)
-    white, one, two, gap = (255, 255, 255), (158, 202, 225), (49, 130, 189), (200, 200, 200)
-    assert pixel(0, 0) == two  # head 0, p=0, t=0: both patterns
-    assert pixel(2, 0) == one  # head 0, p=0, t=1: dense pattern only
-    assert pixel(16, 0) == gap
-    assert pixel(2 * 10, 0) == one and pixel(2 * 11, 2) == two  # head 1: p=1, t=1 in both
-    assert white not in {pixel(x, y) for x in range(16) for y in range(16)}
-    causal = dilated_mask(DilatedSpec((4,), (1,), causal=True), 1, 4)
-    _, _, pixel = read_png(save_mask_png(causal, tmp_path / "causal.png"))
-    assert pixel(1, 0) == white and pixel(0, 1) == one
+def test_plot_mask_heads_and_rows():
+    pytest.importorskip("matplotlib")
+    m = dilated_mask(DilatedSpec((4,), (1,), causal=True), 6, 4)
+    fig = plot_mask(m, heads=[5, 2])
+    assert [ax.get_title() for ax in fig.axes] == ["head 5", "head 2"]
+    data = torch.as_tensor(fig.axes[0].images[0].get_array())
+    assert data[0, 1] == 0 and data[1, 0] == 1  # causal: p = 0 does not attend t = 1
+    six = plot_mask(m)
+    assert len(six.axes) == 6  # four a row: two rows
+    assert [ax.get_subplotspec().rowspan.start for ax in six.axes] == [0, 0, 0, 0, 1, 1]
+    assert sum(ax.get_ylabel() == "query position p" for ax in six.axes) == 2
+
+
+@pytest.mark.parametrize("bad, match", [
+    (torch.zeros(4, 4, dtype=torch.long), "(H, N, N)"),
+    (torch.zeros(2, 4, 5, dtype=torch.long), "(H, N, N)"),
+    (torch.zeros(0, 4, 4, dtype=torch.long), "(H, N, N)"),
+    ([[[1]]], "(H, N, N)"),
+    (-torch.ones(1, 2, 2, dtype=torch.long), "non-negative"),
+    (torch.full((1, 2, 2), 0.5), "whole numbers"),
+])
+def test_plot_mask_rejects_bad_masks(bad, match):
+    with pytest.raises(ValueError, match=re.escape(match)):
+        plot_mask(bad)
+
+
+@pytest.mark.parametrize("heads", [[], [2], [-1], [True], [0.0]])
+def test_plot_mask_rejects_bad_heads(heads):
+    with pytest.raises(ValueError, match="heads"):
+        plot_mask(torch.ones(2, 3, 3, dtype=torch.long), heads=heads)
+
+
+def test_plot_mask_without_matplotlib(monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # import matplotlib.figure raises ImportError
+    with pytest.raises(ImportError, match=re.escape("pip install flexdilated[plot]")):
+        plot_mask(torch.ones(1, 2, 2, dtype=torch.long))
