@@ -131,9 +131,13 @@ def dilated_attention(
     spec = fit_to_length(spec, N)
     if key_padding_mask is not None:
         check_key_padding_mask(key_padding_mask, B, N, q.device)
-    classes = strided_classes(q, k, spec) if key_padding_mask is None and _use_flex(q) else None
-    if classes is not None:
-        out, lse = strided_attention(q, k, v, spec, classes, scale)
+    whole = _whole_chunks(spec, N) if key_padding_mask is None and _use_flex(q) else 0
+    classes = strided_classes(q[:, :, :whole], k[:, :, :whole], spec) if whole else None
+    if classes is not None:  # the strided route on whole chunks of the largest segment
+        out, lse = strided_attention(*(x[:, :, :whole] for x in (q, k, v)), spec, classes, scale)
+        if whole < N:  # chunks are independent: the last, partial one alone on the gather route
+            tail, tail_lse = _attention(*(x[:, :, whole:] for x in (q, k, v)), spec, scale, None)
+            out, lse = torch.cat((out, tail), 2), torch.cat((lse.float(), tail_lse), 2)
         return (out, lse.float()) if return_lse else out
     slab = slab_length(spec, B * H * D, N)
     if slab >= N:
@@ -166,6 +170,13 @@ def dilated_attention_step(
 
 
 SLAB_ELEMENTS = 2**26  # elements of q in one slab: 128 MiB in bf16
+
+
+def _whole_chunks(spec: DilatedSpec, seq_len: int) -> int:
+    """Tokens in whole chunks of the largest segment W, if every segment length divides W (then chunks are
+    independent), else 0."""
+    W = max(spec.segment_lengths)
+    return 0 if any(W % w for w in spec.segment_lengths) else seq_len - seq_len % W
 
 
 def slab_length(spec: DilatedSpec, token_elements: int, seq_len: int) -> int:

@@ -185,23 +185,35 @@ def _is_all(classes: list[HeadClass], num_heads: int, rate: int) -> bool:
 
 
 def _folded_view(x: torch.Tensor, heads: tuple[int, int, int], segment: int, rate: int, offset: int) -> torch.Tensor:
-    """(1, H, C, W, D) -> (S, n, L, D): segment s of the class in batch entry s, a view."""
+    """(B, H, C, W, D) -> (S, B * n, L, D): segment s of the class in flex's batch entry s, the batch folded into
+    the heads (a view: the caller checked `_batch_folds`)."""
     start, stop, step = heads
-    x = x[0, start:stop:step]  # (n, C, W, D)
-    x = x.unflatten(2, (x.shape[2] // segment, segment)).flatten(1, 2)  # (n, S, w, D)
-    return x[:, :, offset::rate].transpose(0, 1)  # (S, n, L, D)
+    x = x[:, start:stop:step]  # (B, n, C, W, D)
+    x = x.view(-1, *x.shape[2:])  # (B * n, C, W, D)
+    x = x.unflatten(2, (x.shape[2] // segment, segment)).flatten(1, 2)  # (B * n, S, w, D)
+    return x[:, :, offset::rate].transpose(0, 1)  # (S, B * n, L, D)
+
+
+def _batch_folds(x: torch.Tensor, heads: tuple[int, int, int]) -> bool:
+    """Whether x[:, heads] (B, n, ...) views as (B * n, ...): one batch entry, or a class whose heads ``h0 + a*step``
+    step through all H heads (heads="all": n * step == H), so batch entry b + 1 starts where head n would."""
+    start, stop, step = heads
+    n = len(range(start, stop, step))
+    return x.shape[0] == 1 or x.stride(0) == n * step * x.stride(1)
 
 
 def _segment_mask_mod(cls: HeadClass, causal: bool, device: torch.device):
-    """The class's mask in one segment (batch entry b = segment index): rows i, j < L."""
+    """The class's mask in one segment (batch entry b = segment index, head h = batch entry * n + head): rows
+    i, j < L."""
     w, r, o = cls.branch.segment, cls.branch.rate, cls.offset
+    n = len(cls.branch.heads)
     earlier = [(w_e, r_e, torch.tensor(o_e, device=device)) for w_e, r_e, o_e in cls.branch.earlier]
 
     def mask_mod(b, h, i, j):
         keep = (j <= i) | (not causal)
         p, t = b * w + o + i * r, b * w + o + j * r
         for w_e, r_e, o_e in earlier:
-            oe = o_e[h]
+            oe = o_e[h % n]
             keep = keep & ~((p // w_e == t // w_e) & ((p % w_e) % r_e == oe) & ((t % w_e) % r_e == oe))
         return keep
 
@@ -209,16 +221,20 @@ def _segment_mask_mod(cls: HeadClass, causal: bool, device: torch.device):
 
 
 def _folded_flex(q, k, v, cls: HeadClass, local, causal: bool, scale: float):
-    """Flex on the class's folded views of q, k, v (1, H, C, W, D): out (1, n, S, L, D), lse (1, n, S, L)."""
+    """Flex on the class's folded views of q, k, v (B, H, C, W, D), the whole batch in one call:
+    out (B, n, S, L, D), lse (B, n, S, L)."""
     r, w = cls.branch.rate, cls.branch.segment
+    B = q.shape[0]
     qc = _folded_view(q, cls.q_heads, w, r, cls.offset)
     kc, vc = (_folded_view(x, cls.kv_heads, w, r, cls.offset) for x in (k, v))
     L = qc.shape[2]
+    if local[0].shape[1] > 1 and B > 1:  # per-head tables: one copy per batch entry
+        local = [t.repeat(1, B, *(1,) * (t.dim() - 2)) for t in local]
     mask = BlockMask((L, L), *local, BLOCK_SIZE=(BLOCK_SIZE, BLOCK_SIZE), mask_mod=_segment_mask_mod(cls, causal, q.device))
     out, aux = flex_attention(
         qc, kc, vc, block_mask=mask, scale=scale, enable_gqa=qc.shape[1] != kc.shape[1], return_aux=AuxRequest(lse=True)
     )
-    return out.transpose(0, 1)[None], aux.lse.transpose(0, 1)[None]
+    return out.transpose(0, 1).unflatten(0, (B, -1)), aux.lse.transpose(0, 1).unflatten(0, (B, -1))
 
 
 def _strided_attention(q, k, v, classes: tuple[HeadClass, ...], tables, table_index, causal: bool, scale: float,
@@ -232,11 +248,14 @@ def _strided_attention(q, k, v, classes: tuple[HeadClass, ...], tables, table_in
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     by_pattern: dict[int, list] = {}
     for cls, index in zip(classes, table_index):
-        parts = [
-            _folded_flex(q[b : b + 1], k[b : b + 1], v[b : b + 1], cls, tables[index], causal, scale)
-            for b in range(B)
-        ]
-        o, lse = (torch.cat(x) if B > 1 else x[0] for x in zip(*parts))
+        if all(_batch_folds(x, heads) for x, heads in ((q, cls.q_heads), (k, cls.kv_heads), (v, cls.kv_heads))):
+            o, lse = _folded_flex(q, k, v, cls, tables[index], causal, scale)
+        else:  # grouped heads: one call per batch entry
+            parts = [
+                _folded_flex(q[b : b + 1], k[b : b + 1], v[b : b + 1], cls, tables[index], causal, scale)
+                for b in range(B)
+            ]
+            o, lse = (torch.cat(x) if B > 1 else x[0] for x in zip(*parts))
         by_pattern.setdefault(cls.pattern, []).append((cls, o, lse))
     lses, outs = [], []
     for parts in by_pattern.values():
@@ -298,6 +317,7 @@ def _call(q, k, v, W: int, classes: tuple[HeadClass, ...], causal: bool, scale: 
         return _strided_attention(*chunks, *args)[:2]
     for x in chunks:
         torch._dynamo.maybe_mark_dynamic(x, 2)  # the chunk count: one kernel for every N = C * W
+        torch._dynamo.maybe_mark_dynamic(x, 0)  # the batch size (folded into flex's heads where it can be)
     if out is not None:
         torch._dynamo.maybe_mark_dynamic(out, 2)
     return _compiled(*chunks, *args, out=out)[:2]

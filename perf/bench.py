@@ -58,6 +58,8 @@ def workloads(quick: bool) -> list[Workload]:
             out.append(Workload("W1", DilatedSpec(*W1, causal=causal, overlap=overlap), 8, n1))
     out.append(Workload("W2", DilatedSpec(*PAPER), 12, n2))
     out.append(Workload("W3", DilatedSpec(*W1, heads="grouped"), 8, n1))
+    if not quick:  # a training batch: B = 8 at 32,768 tokens (the batch folded into flex's heads)
+        out += [Workload("B8", DilatedSpec(*W1, causal=causal), 8, (32768,), B=8) for causal in (False, True)]
     return out
 
 
@@ -206,7 +208,7 @@ def main():
                         continue  # minutes per call, and the forward already makes the point
                     ms, peak, first = run_one(impl, w, N, mode, reps)
                     rec = dict(
-                        workload=w.name, impl=impl, N=N, H=w.heads, causal=w.spec.causal, heads=w.spec.heads,
+                        workload=w.name, impl=impl, B=w.B, N=N, H=w.heads, D=w.D, causal=w.spec.causal, heads=w.spec.heads,
                         overlap=w.spec.overlap, mode=mode, ms=ms, peak_bytes=peak, first_call_s=first,
                         qkvo_bytes=4 * w.B * w.heads * N * w.D * 2, device=device, torch=torch.__version__,
                     )

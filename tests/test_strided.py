@@ -163,3 +163,40 @@ def test_equal_patterns_are_merged_as_two(overlap):
     ref, ref_lse = reference_dilated_attention(q, k, v, spec, scale=0.5, return_lse=True)
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
 
+
+
+@given(strided_problems(), st.integers(1, 10**6))
+def test_any_length_runs_whole_chunks_strided_and_the_tail_alone(problem, tail):
+    """`dilated_attention`'s dispatch as on CUDA (patched to run eagerly here): N = C * W + t takes the strided
+    route on the C whole chunks and the gather route on the last t tokens; together they equal the reference."""
+    import flexdilated.attention as attention
+    import flexdilated.kernels as kernels
+    from torch.nn.attention.flex_attention import AuxRequest, flex_attention
+
+    from flexdilated import dilated_attention
+
+    spec, B, H, Hkv, N, _, seed = problem
+    W = max(spec.segment_lengths)
+    N += tail % W
+    assume(strided_classes(torch.empty(B, H, N - N % W, 16), torch.empty(B, Hkv, N - N % W, 16), spec) is not None)
+
+    def eager_flex(q, k, v, block_mask, scale):
+        out, aux = flex_attention(q, k, v, block_mask=block_mask, scale=scale, return_aux=AuxRequest(lse=True))
+        return out, aux.lse
+
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, H, N, 16, generator=gen, dtype=torch.float64)
+    k, v = (torch.randn(B, Hkv, N, 16, generator=gen, dtype=torch.float64) for _ in range(2))
+    taken = []
+    with mock.patch.object(attention, "_use_flex", lambda x: True), \
+            mock.patch.object(kernels, "_flex", eager_flex), \
+            mock.patch.object(strided, "_compiled", strided._strided_attention), \
+            mock.patch.object(attention, "strided_attention", lambda *a: taken.append(a[0].shape[2]) or
+                              strided.strided_attention(*a)):
+        out, lse = dilated_attention(q, k, v, spec, scale=0.5, return_lse=True)
+    assert taken == [N - N % W]
+    ref, ref_lse = reference_dilated_attention(q, k, v, spec, scale=0.5, return_lse=True)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    assert torch.equal(lse == float("-inf"), ref_lse == float("-inf"))
+    reached = lse > float("-inf")
+    torch.testing.assert_close(lse[reached], ref_lse[reached], rtol=1e-6, atol=1e-6)
