@@ -33,6 +33,17 @@ def _flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: BlockMa
     return out, aux.lse
 
 
+def compiled_call(compiled, *args, **kwargs):
+    """``compiled(*args, **kwargs)``. Dynamo keeps at most 8 compiled versions of a function per process, and with
+    ``fullgraph=True`` the 9th raises ``FailOnRecompileLimitHit`` (a process running many specs, dtypes or head
+    counts gets there): then the function's versions are dropped and it compiles afresh — slower, never wrong."""
+    try:
+        return compiled(*args, **kwargs)
+    except torch._dynamo.exc.FailOnRecompileLimitHit:
+        torch._dynamo.eval_frame.remove_from_cache(getattr(compiled, "_torchdynamo_orig_callable", compiled))
+        return compiled(*args, **kwargs)
+
+
 def flex_route(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask_at: Callable[[int], BlockMask], scale: float
 ):
@@ -45,7 +56,7 @@ def flex_route(
         if not torch.compiler.is_compiling():
             for x in (qs, ks, vs):
                 torch._dynamo.maybe_mark_dynamic(x, 0)  # one kernel for every N
-        out, lse = _flex(qs, ks, vs, block_mask_at(start), scale)
+        out, lse = compiled_call(_flex, qs, ks, vs, block_mask_at(start), scale)
         outs.append(out)
         lses.append(lse)
     if len(outs) == 1:
@@ -142,7 +153,7 @@ def math_route_rect(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask_mod:
     a time; elsewhere dense, differentiable torch ops (O(B·H·Lq·Lk) memory: the tests' sizes)."""
     H, Lq, Lk = q.shape[1], q.shape[2], k.shape[2]
     if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16, torch.float32) and q.shape[-1] >= 16:
-        return _flex(q, k, v, _rect_block_mask(mask_mod, H, Lq, Lk, q.device), scale)
+        return compiled_call(_flex, q, k, v, _rect_block_mask(mask_mod, H, Lq, Lk, q.device), scale)
     h = torch.arange(H, device=q.device)[:, None, None]
     i = torch.arange(Lq, device=q.device)[None, :, None]
     j = torch.arange(Lk, device=q.device)[None, None, :]

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import AuxRequest, BlockMask, flex_attention
 
+from .kernels import compiled_call
 from .masks import BLOCK_SIZE, _block_tables, counts
 from .merge import merge_lse, merge_weight
 from .spec import Branch, DilatedSpec, branches, traced_cache
@@ -320,7 +321,7 @@ def _call(q, k, v, W: int, classes: tuple[HeadClass, ...], causal: bool, scale: 
         torch._dynamo.maybe_mark_dynamic(x, 0)  # the batch size (folded into flex's heads where it can be)
     if out is not None:
         torch._dynamo.maybe_mark_dynamic(out, 2)
-    return _compiled(*chunks, *args, out=out)[:2]
+    return compiled_call(_compiled, *chunks, *args, out=out)[:2]
 
 
 @traced_cache(maxsize=256)

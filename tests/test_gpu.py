@@ -215,3 +215,43 @@ def test_sequence_parallel_world_size_one_on_cuda(tmp_path):
         torch.testing.assert_close(sequence_parallel_attention(q, k, v, spec), dilated_attention(q, k, v, spec))
     finally:
         dist.destroy_process_group()
+
+
+def test_compiles_once_per_kind_of_change_across_batch_length_and_grad():
+    """The strided route's graph: changing the batch size, N (among multiples of W) or the grad mode compiles at
+    most once per kind of change (the batch and the chunk count are dynamic sizes)."""
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    spec = DilatedSpec(*W1, causal=True)
+
+    def graphs_after(B, N, grad):
+        q, k, v = (torch.randn(B, 8, N, 64, device="cuda", dtype=torch.bfloat16, requires_grad=grad) for _ in range(3))
+        out = dilated_attention(q, k, v, spec)
+        if grad:
+            out.sum().backward()
+        return counters["stats"]["unique_graphs"]
+
+    first = graphs_after(2, 16384, True)
+    assert graphs_after(2, 16384, True) == first  # the same call: nothing new
+    after_batch = graphs_after(3, 16384, True)  # a new batch size: at most one recompile
+    assert after_batch - first <= 1
+    assert graphs_after(5, 32768, True) == after_batch  # batch and length both dynamic now
+    after_grad = graphs_after(4, 24576, False)  # inference: at most one more
+    assert after_grad - after_batch <= 1
+    assert graphs_after(7, 16384, False) == after_grad
+
+
+def test_past_the_recompile_limit_results_stay_exact(monkeypatch):
+    """More distinct configurations than Dynamo keeps compiled versions (limit lowered to 2 here, 8 by default):
+    no FailOnRecompileLimitHit reaches the caller, and every result still equals the reference."""
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)
+    specs = [
+        DilatedSpec((512, 1024), (1, 2), causal=causal, overlap=overlap)
+        for causal in (False, True) for overlap in ("multiset", "set")
+    ] + [DilatedSpec((1024, 2048), (2, 4))]
+    for spec in specs + specs[:2]:
+        q, k, v = (torch.randn(1, 4, 4096, 64, device="cuda", dtype=torch.float32) for _ in range(3))
+        with torch.no_grad():
+            out, lse = dilated_attention(q, k, v, spec, return_lse=True)
+            ref, ref_lse = reference_slabbed(q, k, v, spec, slab=1024)
+        assert rel(out, ref) < TOLERANCE[torch.float32], spec
