@@ -169,7 +169,7 @@ for step in range(1, args.lm_steps + 1):
     err = everyone([err])[0]
     say(f"  step {step}: loss {loss_value:.5f} (one process {loss_single.item():.5f}), max relative error "
         f"{err:.1e}{' incl. gradients' if step == 1 else ''}")
-    if err > 1e-4:
+    if err > (1e-4 if device.type == "cpu" else 2e-3):  # CUDA: flex's float32 kernels may round differently
         failures.append(f"LongNetLM step {step}: error {err:.1e}")
     for o in (opt, opt_single):
         o.step()
