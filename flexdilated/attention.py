@@ -127,30 +127,37 @@ def dilated_attention(
             raise ValueError("key_padding_mask is not supported with DTensor inputs")
         return dtensor_attention(q, k, v, spec, scale=scale, return_lse=return_lse, algorithm=sequence_parallel)
     scale = check_inputs(q, k, v, spec, scale)
+    if key_padding_mask is not None:
+        check_key_padding_mask(key_padding_mask, q.shape[0], q.shape[2], q.device)
+    out, lse = routed_attention(q, k, v, spec, scale, key_padding_mask)
+    return (out, lse.float()) if return_lse else out
+
+
+def routed_attention(q, k, v, spec: DilatedSpec, scale: float, key_padding_mask=None):
+    """The dispatch of `dilated_attention` on checked inputs: (out, lse), the LSE in the working precision
+    (float64 for float64 inputs, else float32)."""
     B, H, N, D = q.shape
     spec = fit_to_length(spec, N)
-    if key_padding_mask is not None:
-        check_key_padding_mask(key_padding_mask, B, N, q.device)
     whole = _whole_chunks(spec, N) if key_padding_mask is None and _use_flex(q) else 0
     classes = strided_classes(q[:, :, :whole], k[:, :, :whole], spec) if whole else None
     if classes is not None:  # the strided route on whole chunks of the largest segment
         out, lse = strided_attention(*(x[:, :, :whole] for x in (q, k, v)), spec, classes, scale)
         if whole < N:  # chunks are independent: the last, partial one alone on the gather route
             tail, tail_lse = _attention(*(x[:, :, whole:] for x in (q, k, v)), spec, scale, None)
-            out, lse = torch.cat((out, tail), 2), torch.cat((lse.float(), tail_lse), 2)
-        return (out, lse.float()) if return_lse else out
+            out, lse = torch.cat((out, tail), 2), torch.cat((lse.to(tail_lse.dtype), tail_lse), 2)
+        return out, lse
     slab = slab_length(spec, B * H * D, N)
     if slab >= N:
-        out, lse = _attention(q, k, v, spec, scale, key_padding_mask)
-    else:  # independent slabs of whole chunks: the extra memory is that of one slab
-        out = q.new_empty(B, H, N, D)
-        lse = torch.empty(B, H, N, dtype=torch.float32, device=q.device)
-        for a in range(0, N, slab):
-            pad = None if key_padding_mask is None else key_padding_mask[:, a : a + slab]
-            out[:, :, a : a + slab], lse[:, :, a : a + slab] = _attention(
-                *(x[:, :, a : a + slab] for x in (q, k, v)), spec, scale, pad
-            )
-    return (out, lse) if return_lse else out
+        return _attention(q, k, v, spec, scale, key_padding_mask)
+    # independent slabs of whole chunks: the extra memory is that of one slab
+    out = q.new_empty(B, H, N, D)
+    lse = torch.empty(B, H, N, dtype=torch.float64 if q.dtype == torch.float64 else torch.float32, device=q.device)
+    for a in range(0, N, slab):
+        pad = None if key_padding_mask is None else key_padding_mask[:, a : a + slab]
+        out[:, :, a : a + slab], lse[:, :, a : a + slab] = _attention(
+            *(x[:, :, a : a + slab] for x in (q, k, v)), spec, scale, pad
+        )
+    return out, lse
 
 
 def dilated_attention_step(
@@ -223,4 +230,4 @@ def _attention(
         lse_g = lse_g.to(acc).unflatten(0, (B, -1))
         weight = torch.exp(lse_g - lse_safe[:, heads, tokens])  # 0 on padding rows (their LSE is -inf)
         out[:, heads, tokens] += out_g.to(acc).unflatten(0, (B, -1)) * weight[..., None]
-    return out[:, :, :N].to(q.dtype).contiguous(), lse[:, :, :N].float()
+    return out[:, :, :N].to(q.dtype).contiguous(), lse[:, :, :N]

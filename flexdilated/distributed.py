@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 
-from .attention import _attention, check_inputs, dilated_attention
+from .attention import _attention, check_inputs, routed_attention
 from .kernels import math_route_rect
 from .merge import merge, merge_weight
 from .spec import Branch, DilatedSpec, branches
@@ -86,7 +86,8 @@ def sequence_parallel_attention(
     spec = replace(spec, segment_lengths=tuple(min(w, N) for w in spec.segment_lengths))
     spanning = _spanning_branches(spec, H, n, N, P)
     if not spanning:
-        return dilated_attention(q, k, v, spec, scale=scale, return_lse=return_lse)
+        out, lse = routed_attention(q, k, v, spec, scale)
+        return (out, lse.float()) if return_lse else out
     if algorithm == "ring" and torch.compiler.is_compiling():
         raise ValueError('algorithm="ring" runs eagerly; under torch.compile use algorithm="all_gather"')
 
@@ -94,7 +95,7 @@ def sequence_parallel_attention(
     local = [(w, r) for w, r in spec.patterns if n % w == 0]
     if local and spec.heads == "all":  # the single-GPU fast path on the shard
         sub = replace(spec, segment_lengths=tuple(w for w, _ in local), dilation_rates=tuple(r for _, r in local))
-        out, lse = dilated_attention(q, k, v, sub, scale=scale, return_lse=True)
+        out, lse = routed_attention(q, k, v, sub, scale)
         outs.append(out)
         lses.append(lse)
     elif local:  # heads="grouped": the local branches of the full spec (a sub-spec would regroup the heads)
@@ -170,19 +171,16 @@ _subgroups: dict[tuple, dist.ProcessGroup] = {}
 
 
 def _subgroup(group, g: int):
-    """The process group of the g consecutive ranks of ``group`` that share this rank's segments (created
-    collectively, once for every block of g ranks, the first time any rank needs them)."""
+    """The process group of the g consecutive ranks of ``group`` that share this rank's segments, created by
+    them (collectively, with a barrier among them alone) the first time they need it."""
     P = dist.get_world_size(group)
     if g == P:
         return group
-    key = (dist._get_process_group_name(group) if hasattr(dist, "_get_process_group_name") else id(group), g)
-    if key not in _subgroups:
-        ranks = dist.get_process_group_ranks(group)
-        mine = dist.get_rank(group) // g
-        for start in range(0, P, g):  # every rank creates every subgroup, in the same order
-            pg = dist.new_group(ranks[start : start + g], timeout=_timeout(group))
-            if start // g == mine:
-                _subgroups[key] = pg
+    ranks = dist.get_process_group_ranks(group)
+    start = dist.get_rank(group) // g * g
+    key = tuple(ranks[start : start + g])
+    if key not in _subgroups:  # only its members create it (other mesh rows create theirs)
+        _subgroups[key] = dist.new_group(list(key), timeout=_timeout(group), use_local_synchronization=True)
     return _subgroups[key]
 
 

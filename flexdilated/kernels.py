@@ -37,11 +37,14 @@ def compiled_call(compiled, *args, **kwargs):
     """``compiled(*args, **kwargs)``. Dynamo keeps at most 8 compiled versions of a function per process, and with
     ``fullgraph=True`` the 9th raises ``FailOnRecompileLimitHit`` (a process running many specs, dtypes or head
     counts gets there): then the function's versions are dropped and it compiles afresh — slower, never wrong."""
-    try:
-        return compiled(*args, **kwargs)
-    except torch._dynamo.exc.FailOnRecompileLimitHit:
-        torch._dynamo.eval_frame.remove_from_cache(getattr(compiled, "_torchdynamo_orig_callable", compiled))
-        return compiled(*args, **kwargs)
+    # Python ints in the arguments (segment lengths, offsets, heads) are the configuration: never symbolic (Dynamo's
+    # automatic dynamic shapes would otherwise turn them into SymInts after a second spec, and fail to trace)
+    with torch._dynamo.config.patch(specialize_int=True):
+        try:
+            return compiled(*args, **kwargs)
+        except torch._dynamo.exc.FailOnRecompileLimitHit:
+            torch._dynamo.eval_frame.remove_from_cache(getattr(compiled, "_torchdynamo_orig_callable", compiled))
+            return compiled(*args, **kwargs)
 
 
 def flex_route(
