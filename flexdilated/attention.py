@@ -11,6 +11,7 @@ import math
 
 import torch
 
+from .documents import check_document_ids, document_attention
 from .kernels import flex_route, math_route
 from .layout import Unit, gather, head_index, natural_index, units
 from .masks import branch_block_mask, branch_mask_mod
@@ -106,6 +107,7 @@ def dilated_attention(
     scale: float | None = None,
     return_lse: bool = False,
     key_padding_mask: torch.Tensor | None = None,
+    document_ids: torch.Tensor | None = None,
     sequence_parallel: str = "all_gather",
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Dilated attention of SPEC §1.
@@ -116,6 +118,8 @@ def dilated_attention(
     (``min(m, 1)`` for ``overlap="set"``); rows that reach no key give 0 and LSE -inf.
     ``key_padding_mask`` (B, N) bool, True where a key is padding, removes those keys from every pattern (as in
     ``nn.MultiheadAttention``); it takes the dense route (`kernels.math_route`) on every device.
+    ``document_ids`` (B, N) integers, non-decreasing along N: packed documents, each attended alone (positions,
+    segments and causality counted from its first token; no key of another document), `documents.py`.
     DTensors sharded along the sequence (``Shard(2)``) run sequence-parallel (`distributed.py`), the keys of
     segments that span shards exchanged by ``sequence_parallel="all_gather"`` or ``"ring"``; the result is a DTensor
     placed like q.
@@ -123,13 +127,18 @@ def dilated_attention(
     if _is_dtensor(q):
         from .distributed import dtensor_attention
 
-        if key_padding_mask is not None:
-            raise ValueError("key_padding_mask is not supported with DTensor inputs")
+        if key_padding_mask is not None or document_ids is not None:
+            raise ValueError("key_padding_mask and document_ids are not supported with DTensor inputs")
         return dtensor_attention(q, k, v, spec, scale=scale, return_lse=return_lse, algorithm=sequence_parallel)
     scale = check_inputs(q, k, v, spec, scale)
     if key_padding_mask is not None:
         check_key_padding_mask(key_padding_mask, q.shape[0], q.shape[2], q.device)
-    out, lse = routed_attention(q, k, v, spec, scale, key_padding_mask)
+    if document_ids is None:
+        out, lse = routed_attention(q, k, v, spec, scale, key_padding_mask)
+    else:
+        check_document_ids(document_ids, q.shape[0], q.shape[2], q.device)
+        attend = lambda q, k, v, pad: routed_attention(q, k, v, spec, scale, pad)  # noqa: E731
+        out, lse = document_attention(q, k, v, document_ids, key_padding_mask, attend)
     return (out, lse.float()) if return_lse else out
 
 

@@ -89,6 +89,7 @@ class Block(nn.Module):
         cache: dict | None = None,
         memory_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
         sequence_mesh=None,
+        document_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         h = self.attn_norm(x)
         if sequence_mesh is not None:  # x is this rank's shard of the sequence: only the attention communicates
@@ -97,7 +98,8 @@ class Block(nn.Module):
             h = DTensor.from_local(h, sequence_mesh, [Shard(1)], run_check=False)
             x = x + self.attn(h, h, h, is_causal=self.causal)[0].to_local()
         elif cache is None:
-            x = x + self.attn(h, h, h, key_padding_mask=key_padding_mask, is_causal=self.causal)[0]
+            attn = dict(key_padding_mask=key_padding_mask, is_causal=self.causal, document_ids=document_ids)
+            x = x + self.attn(h, h, h, **attn)[0]
         else:
             x = x + self.attn.decode(h, cache)
         if self.cross is not None:
@@ -241,8 +243,9 @@ class LongNetLM(nn.Module):
             self.head.weight = self.embed.weight
         self.checkpointing = checkpointing
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Logits (B, N, vocab). Sequence parallel: ``tokens`` a DTensor sharded along the sequence (``Shard(1)``
+    def forward(self, tokens: torch.Tensor, document_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, N, vocab). ``document_ids`` (B, N), non-decreasing: packed documents, each one as if alone
+        (attention and rotary positions restart at its first token). Sequence parallel: ``tokens`` a DTensor sharded along the sequence (``Shard(1)``
         on a 1-D mesh) gives logits sharded the same way; each rank computes its shard, the attention exchanges
         what spans shards (`MultiheadDilatedAttention`)."""
         if _is_dtensor(tokens):
@@ -256,12 +259,16 @@ class LongNetLM(nn.Module):
             )
             return DTensor.from_local(self.head(self.norm(x)), mesh, [Shard(1)], run_check=False)
         _check_tokens("tokens", tokens)
-        x = _run_blocks(self.blocks, self.embed(tokens), self.checkpointing and self.training)
+        docs = {} if document_ids is None else dict(document_ids=document_ids)
+        x = _run_blocks(self.blocks, self.embed(tokens), self.checkpointing and self.training, **docs)
         return self.head(self.norm(x))
 
-    def loss(self, tokens: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+    def loss(
+        self, tokens: torch.Tensor, targets: torch.Tensor | None = None, document_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Mean next-token cross-entropy: of ``targets`` given ``tokens`` (both (B, N)), or without ``targets``
-        predicting tokens[:, 1:] from tokens[:, :-1].
+        predicting tokens[:, 1:] from tokens[:, :-1]. With ``document_ids`` (packed documents, (B, N) like
+        ``tokens``) and no ``targets``, the first token of a document is not predicted from the previous one's end.
 
         Sequence parallel (``tokens`` and ``targets`` DTensors sharded along the sequence): a DTensor with a
         ``Partial`` placement — each rank holds its tokens' share of the mean, ``.full_tensor()`` is the loss.
@@ -271,6 +278,11 @@ class LongNetLM(nn.Module):
             if _is_dtensor(tokens):
                 raise ValueError("sequence-parallel loss needs targets: shifting tokens would cross shards")
             tokens, targets = tokens[:, :-1], tokens[:, 1:]
+            if document_ids is not None:
+                if not isinstance(document_ids, torch.Tensor) or document_ids.shape != (tokens.shape[0], tokens.shape[1] + 1):
+                    raise ValueError(f"document_ids must be shaped like the tokens, got {getattr(document_ids, 'shape', None)}")
+                same = document_ids[:, 1:] == document_ids[:, :-1]
+                targets, document_ids = targets.masked_fill(~same, -100), document_ids[:, :-1]
         if _is_dtensor(tokens):
             from torch.distributed.tensor import DTensor, Partial
 
@@ -286,8 +298,8 @@ class LongNetLM(nn.Module):
             return DTensor.from_local(share, tokens.device_mesh, [Partial()], run_check=False)
         if targets.shape != tokens.shape:
             raise ValueError(f"targets must have the shape of tokens {tuple(tokens.shape)}, got {tuple(targets.shape)}")
-        logits = self(tokens)
-        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+        logits = self(tokens, document_ids)
+        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
 
     @torch.no_grad()
     def generate(
@@ -359,11 +371,15 @@ class LongNetEncoder(nn.Module):
         )
         self.checkpointing = checkpointing
 
-    def forward(self, tokens: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, tokens: torch.Tensor, key_padding_mask: torch.Tensor | None = None, document_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Hidden states (B, N, dim); ``document_ids`` (B, N), non-decreasing: packed documents, each as if alone."""
         _check_tokens("tokens", tokens)
         _check_padding_mask("key_padding_mask", key_padding_mask, tokens)
         x = _run_blocks(
-            self.blocks, self.embed(tokens), self.checkpointing and self.training, key_padding_mask=key_padding_mask
+            self.blocks, self.embed(tokens), self.checkpointing and self.training, key_padding_mask=key_padding_mask,
+            document_ids=document_ids,
         )
         return self.norm(x)
 

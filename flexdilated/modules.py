@@ -17,6 +17,7 @@ from einops import rearrange
 from torch import nn
 
 from .attention import _is_dtensor, dilated_attention, dilated_attention_step
+from .documents import check_document_ids, positions_in_document
 from .positions import RotaryEmbedding
 from .spec import DilatedSpec
 
@@ -153,6 +154,7 @@ class MultiheadDilatedAttention(nn.Module):
         attn_mask: torch.Tensor | None = None,
         average_attn_weights: bool = True,
         is_causal: bool = False,
+        document_ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, None]:
         """``nn.MultiheadAttention``'s call for self-attention: (B, N, E) (``batch_first``), (N, B, E) or
         unbatched (N, E); nested tensors (``nn.TransformerEncoder``'s inference path) too.
@@ -160,9 +162,12 @@ class MultiheadDilatedAttention(nn.Module):
         ``key_padding_mask`` (B, N): bool, True = padding, or float 0 / -inf (PyTorch's canonical form).
         ``attn_mask`` may only be the causal mask ((N, N) or (B * H, N, N); bool True above the diagonal, or float
         -inf above and 0 elsewhere, as ``nn.Transformer.generate_square_subsequent_mask`` makes it): it means
-        ``is_causal=True``. Any other dense mask raises: it would defeat the pattern."""
+        ``is_causal=True``. Any other dense mask raises: it would defeat the pattern. ``document_ids`` (B, N):
+        packed documents, each attended alone (rotary positions restart at each document)."""
         if need_weights:
             raise ValueError("need_weights=True is not supported: dilated attention never forms the (N, N) weights")
+        if (query.is_nested or _is_dtensor(query)) and document_ids is not None:
+            raise ValueError("document_ids are supported for plain (B, N, E) or (N, E) tensors")
         if query.is_nested:
             return self._forward_nested(query, key, value, attn_mask, is_causal), None
         if _is_dtensor(query):
@@ -172,6 +177,8 @@ class MultiheadDilatedAttention(nn.Module):
             query, key, value = (x.unsqueeze(0) for x in (query, key, value))
             if key_padding_mask is not None:
                 key_padding_mask = key_padding_mask.unsqueeze(0)
+            if document_ids is not None:
+                document_ids = document_ids.unsqueeze(0)
         elif not self.batch_first:
             query, key, value = (x.transpose(0, 1) for x in (query, key, value))
         for name, x in (("query", query), ("key", key), ("value", value)):
@@ -186,8 +193,14 @@ class MultiheadDilatedAttention(nn.Module):
                 f"got {tuple(key.shape[:2])} and {tuple(value.shape[:2])}"
             )
         causal = _causal_from_mask(attn_mask, bool(is_causal), query.shape[1])
-        q, k, v = self._project(query, key, value, offset=0)
-        out = dilated_attention(q, k, v, self.specs[causal], key_padding_mask=_bool_padding(key_padding_mask))
+        positions = None
+        if document_ids is not None and self.rotary is not None:
+            check_document_ids(document_ids, *query.shape[:2], query.device)
+            positions = positions_in_document(document_ids)
+        q, k, v = self._project(query, key, value, offset=0, positions=positions)
+        out = dilated_attention(
+            q, k, v, self.specs[causal], key_padding_mask=_bool_padding(key_padding_mask), document_ids=document_ids
+        )
         out = self._output(out)
         if unbatched:
             return out[0], None
@@ -227,12 +240,12 @@ class MultiheadDilatedAttention(nn.Module):
         out, _ = self.forward(padded, padded, padded, key_padding_mask=~keep, attn_mask=attn_mask, is_causal=is_causal)
         return torch._nested_tensor_from_mask(out, keep, mask_check=False)
 
-    def _project(self, query, key, value, offset: int):
+    def _project(self, query, key, value, offset: int, positions: torch.Tensor | None = None):
         q = rearrange(self.q_proj(query), "b n (h d) -> b h n d", h=self.num_heads)
         k = rearrange(self.k_proj(key), "b n (h d) -> b h n d", h=self.num_kv_heads)
         v = rearrange(self.v_proj(value), "b n (h d) -> b h n d", h=self.num_kv_heads)
         if self.rotary is not None:
-            q, k = self.rotary(q, k, offset)
+            q, k = self.rotary(q, k, offset, positions)
         return q, k, v
 
     def _output(self, out: torch.Tensor) -> torch.Tensor:

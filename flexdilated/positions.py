@@ -24,10 +24,17 @@ class RotaryEmbedding(nn.Module):
             raise ValueError(f"head_dim must be a positive even int, got {head_dim!r}")
         self.head_dim, self.base, self.xpos, self.scale_base = head_dim, base, xpos, scale_base
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, offset: int = 0, positions: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``positions`` (B, N), if given, replaces ``offset .. offset + N - 1`` (packed documents: each token's
+        position within its document)."""
         # in float64 whatever the model's dtype (no buffers for .half() to round): exact for very long sequences
         i = torch.arange(0, self.head_dim, 2, device=q.device, dtype=torch.float64)
-        n = torch.arange(offset, offset + q.shape[-2], device=q.device, dtype=torch.float64)[:, None]
+        if positions is None:
+            n = torch.arange(offset, offset + q.shape[-2], device=q.device, dtype=torch.float64)[:, None]
+        else:
+            n = positions.to(torch.float64)[:, None, :, None]  # (B, 1, N, 1)
         angle = n * self.base ** (-i / self.head_dim)  # (N, D/2)
         cos, sin = angle.cos(), angle.sin()
         if self.xpos:

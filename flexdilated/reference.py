@@ -9,6 +9,7 @@ import math
 
 import torch
 
+from .documents import positions_in_document
 from .spec import DilatedSpec, head_offsets
 
 
@@ -48,6 +49,7 @@ def reference_dilated_attention(
     scale: float | None = None,
     return_lse: bool = False,
     key_padding_mask: torch.Tensor | None = None,
+    document_ids: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """``out_p = sum_t m e^{s_pt} v_t / sum_t m e^{s_pt}``, ``lse_p = log sum_t m e^{s_pt}``, dense.
 
@@ -55,7 +57,7 @@ def reference_dilated_attention(
     float32 otherwise. Rows with no key give out 0 and LSE -inf, with NaN-free gradients.
     """
     rows = torch.arange(q.shape[2], device=q.device)
-    out, lse = reference_rows(q, k, v, spec, rows, scale, key_padding_mask)
+    out, lse = reference_rows(q, k, v, spec, rows, scale, key_padding_mask, document_ids=document_ids)
     return (out, lse) if return_lse else out
 
 
@@ -68,16 +70,25 @@ def reference_rows(
     scale: float | None = None,
     key_padding_mask: torch.Tensor | None = None,
     key_positions: torch.Tensor | None = None,
+    document_ids: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The reference for the queries ``q`` (B, H, len(rows), D) at positions ``rows``, against the keys ``k``
-    at ``key_positions`` (default: all, 0 .. N-1); ``key_padding_mask[b, t]`` True: key t of batch b is ignored."""
+    at ``key_positions`` (default: all, 0 .. N-1); ``key_padding_mask[b, t]`` True: key t of batch b is ignored.
+    ``document_ids`` (B, N) over the key positions: the multiplicity of each row is taken on positions counted from
+    each document's first token, and zero between documents."""
     H, D = q.shape[1], q.shape[3]
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     group = H // k.shape[1]
     work = torch.float64 if q.dtype == torch.float64 else torch.float32
     k, v = (x.repeat_interleave(group, dim=1).to(work) for x in (k, v))
     keys = torch.arange(k.shape[2], device=q.device) if key_positions is None else key_positions
-    m = multiplicity(spec, H, rows, keys)
+    if document_ids is None:
+        m = multiplicity(spec, H, rows, keys)
+    else:  # per row: positions within the document, no pair across documents
+        m = torch.stack([
+            multiplicity(spec, H, rel[rows], rel[keys]) * (ids[rows][:, None] == ids[keys][None, :])
+            for ids, rel in zip(document_ids, positions_in_document(document_ids))
+        ])
     if spec.overlap == "set":
         m = m.clamp(max=1)
     if key_padding_mask is not None:

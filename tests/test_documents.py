@@ -1,0 +1,120 @@
+"""Packed documents (``document_ids``): equal to the reference on positions counted per document, and to running
+each document alone — outputs, LSE and gradients, float64, with padding, causal, grouped heads, GQA, B > 1."""
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from flexdilated import DilatedSpec, LongNetEncoder, LongNetLM, dilated_attention, reference_dilated_attention
+from test_attention import make_inputs, problems
+
+
+@st.composite
+def packed(draw):
+    spec, B, H, Hkv, N, D, seed = draw(problems(max_len=60))
+    cuts = [sorted(draw(st.sets(st.integers(1, max(N - 1, 1)), max_size=4))) for _ in range(B)]
+    ids = torch.zeros(B, N, dtype=torch.int64)
+    for b, row in enumerate(cuts):
+        for c in row:
+            if c < N:
+                ids[b, c:] += 1 + c % 3  # ids need only be non-decreasing, not consecutive
+    return spec, B, H, Hkv, N, D, seed, ids, draw(st.booleans())
+
+
+def run(fn, xs, spec, ids, pad, grad_out, grad_lse):
+    out, lse = fn(*xs, spec, return_lse=True, key_padding_mask=pad, document_ids=ids)
+    reached = lse > float("-inf")
+    loss = (out * grad_out).sum() + (lse[reached] * grad_lse[reached]).sum()
+    return out, lse, torch.autograd.grad(loss, xs)
+
+
+@given(packed())
+def test_documents_match_the_reference(problem):
+    spec, B, H, Hkv, N, D, seed, ids, padded = problem
+    xs = make_inputs(B, H, Hkv, N, D, seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    grad_out, grad_lse = torch.randn(B, H, N, D, generator=gen, dtype=torch.float64), torch.randn(B, H, N, generator=gen)
+    pad = torch.rand(B, N, generator=gen) < 0.2 if padded else None
+    out, lse, grads = run(dilated_attention, xs, spec, ids, pad, grad_out, grad_lse)
+    ref, ref_lse, ref_grads = run(reference_dilated_attention, xs, spec, ids, pad, grad_out, grad_lse)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    assert torch.equal(lse == float("-inf"), ref_lse == float("-inf"))
+    reached = lse > float("-inf")
+    torch.testing.assert_close(lse[reached], ref_lse[reached], rtol=1e-6, atol=1e-6)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-10)
+
+
+def test_each_document_as_if_alone():
+    """The reference's document semantics equal running each document alone (so the property test above checks
+    the promise, not only our reading of it)."""
+    spec = DilatedSpec((4, 8, 16), (1, 2, 4), causal=True)
+    q, k, v = (torch.randn(1, 4, 30, 8, dtype=torch.float64) for _ in range(3))
+    ids = torch.tensor([[0] * 7 + [1] * 13 + [5] * 10])
+    out = reference_dilated_attention(q, k, v, spec, document_ids=ids)
+    for s, e in ((0, 7), (7, 20), (20, 30)):
+        alone = reference_dilated_attention(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], spec)
+        torch.testing.assert_close(out[:, :, s:e], alone, rtol=1e-12, atol=1e-12)
+    one_document = reference_dilated_attention(q, k, v, spec, document_ids=torch.zeros(1, 30, dtype=torch.int64))
+    torch.testing.assert_close(one_document, reference_dilated_attention(q, k, v, spec))
+
+
+@pytest.mark.parametrize(
+    "ids, error, match",
+    [
+        (torch.tensor([[0, 1, 0, 1]]), ValueError, "non-decreasing"),
+        (torch.zeros(1, 3, dtype=torch.int64), ValueError, r"shape \(B, N\) = \(1, 4\)"),
+        (torch.zeros(1, 4), TypeError, "integer tensor"),
+    ],
+)
+def test_bad_document_ids(ids, error, match):
+    q = torch.randn(1, 2, 4, 8)
+    with pytest.raises(error, match=match):
+        dilated_attention(q, q, q, DilatedSpec((2,), (1,)), document_ids=ids)
+
+
+@pytest.mark.parametrize("position", ["rope", "xpos", None])
+def test_packed_lm_equals_each_document_alone(position):
+    """LongNetLM with document_ids: logits of each document equal the model run on it alone (attention and rotary
+    positions restart), and the loss skips the targets that cross a boundary."""
+    torch.manual_seed(0)
+    model = LongNetLM(40, 32, 2, 4, (4, 8, 16), (1, 2, 4), num_kv_heads=2, position=position).double()
+    tokens = torch.randint(0, 40, (2, 23))
+    ids = torch.tensor([[0] * 9 + [1] * 14, [3] * 23])
+    logits = model(tokens, document_ids=ids)
+    for b, spans in ((0, ((0, 9), (9, 23))), (1, ((0, 23),))):
+        for s, e in spans:
+            torch.testing.assert_close(logits[b : b + 1, s:e], model(tokens[b : b + 1, s:e]), rtol=1e-10, atol=1e-10)
+    loss = model.loss(tokens, document_ids=ids)
+    per_token = torch.nn.functional.cross_entropy(
+        model(tokens[:, :-1], document_ids=ids[:, :-1]).flatten(0, 1).float(), tokens[:, 1:].flatten(), reduction="none"
+    ).view(2, 22)
+    keep = ids[:, 1:] == ids[:, :-1]
+    assert keep.sum() == 43  # the one target across the boundary is skipped
+    torch.testing.assert_close(loss, per_token[keep].mean())
+
+
+def test_packed_encoder_equals_each_document_alone():
+    torch.manual_seed(1)
+    model = LongNetEncoder(40, 32, 2, 4, (4, 8), (1, 2)).double()
+    tokens = torch.randint(0, 40, (1, 17))
+    ids = torch.tensor([[0] * 5 + [1] * 12])
+    hidden = model(tokens, document_ids=ids)
+    torch.testing.assert_close(hidden[:, :5], model(tokens[:, :5]), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(hidden[:, 5:], model(tokens[:, 5:]), rtol=1e-10, atol=1e-10)
+
+
+def test_rotary_positions_restart_at_each_document():
+    """Scores of RoPE depend on p - t only, so the logits cannot show it: the rotated queries themselves must equal
+    those of the document alone (XPOS's scales grow with the position: restarting keeps long packed rows finite)."""
+    from flexdilated import MultiheadDilatedAttention, RotaryEmbedding
+
+    torch.manual_seed(2)
+    attn = MultiheadDilatedAttention(16, 2, (4,), (1,), rotary=RotaryEmbedding(8, xpos=True)).double()
+    seen = []
+    attn.rotary.register_forward_hook(lambda mod, args, out: seen.append(out[0]))
+    x = torch.randn(1, 12, 16, dtype=torch.float64)
+    attn(x, x, x, is_causal=True, document_ids=torch.tensor([[0] * 5 + [1] * 7]))
+    attn(x[:, 5:], x[:, 5:], x[:, 5:], is_causal=True)
+    torch.testing.assert_close(seen[0][:, :, 5:], seen[1], rtol=1e-12, atol=1e-12)
