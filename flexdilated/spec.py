@@ -112,3 +112,75 @@ def fit_to_length(spec: DilatedSpec, seq_len: int) -> DilatedSpec:
     if all(w <= cap for w in spec.segment_lengths):
         return spec
     return replace(spec, segment_lengths=tuple(min(w, cap) for w in spec.segment_lengths))
+
+
+def head_offsets(spec: DilatedSpec, num_heads: int) -> list[list[int | None]]:
+    """``offsets[i][h]``: the offset of head ``h`` under pattern ``i``, or None if ``h`` does not use it."""
+    n = len(spec.patterns)
+    if spec.heads == "all":
+        return [[h % r for h in range(num_heads)] for _, r in spec.patterns]
+    sizes = [num_heads // n + (g < num_heads % n) for g in range(n)]
+    offsets: list[list[int | None]] = []
+    start = 0
+    for g, (_, r) in enumerate(spec.patterns):
+        offsets.append([g % r if start <= h < start + sizes[g] else None for h in range(num_heads)])
+        start += sizes[g]
+    return offsets
+
+
+@dataclass(frozen=True)
+class Branch:
+    """One pattern with the heads that use it.
+
+    ``earlier`` lists, for ``overlap="set"``, the patterns that claim a shared (query, key) pair before this
+    one: ``(w_e, r_e, offsets_e)`` with ``offsets_e[k]`` the offset of ``heads[k]`` under that pattern.
+    """
+
+    segment: int
+    rate: int
+    heads: tuple[int, ...]
+    offsets: tuple[int, ...]
+    earlier: tuple[tuple[int, int, tuple[int, ...]], ...] = ()
+
+    @property
+    def nested(self) -> bool:
+        """Whether every earlier pattern's segments tile this one's: then the set-exclusion mask is the same in
+        every segment (otherwise it depends on the segment index and is applied element-wise)."""
+        return all(self.segment % w_e == 0 for w_e, _, _ in self.earlier)
+
+
+@traced_cache(maxsize=256)
+def branches(spec: DilatedSpec, num_heads: int) -> tuple[Branch, ...]:
+    """The branches of ``spec`` for ``num_heads`` heads, smallest segment first.
+
+    (Under ``torch.compile(dynamic=True)`` the spec's ints may arrive symbolic.)
+
+    With ``overlap="set"`` a (query, key) pair reached by several patterns is given to the first branch in this
+    order; later branches exclude it (their ``earlier`` field). ``earlier`` is padded to the same length in every
+    branch of a spec with a pattern that reaches nothing (offset -1), so that all branches share one kernel.
+    """
+    offsets = head_offsets(spec, num_heads)
+    order: list[int] = []  # stable insertion sort by segment: Dynamo cannot sort() by symbolic keys, but compares
+    for i, w in enumerate(spec.segment_lengths):
+        at = len(order)
+        while at and spec.segment_lengths[order[at - 1]] > w:
+            at -= 1
+        order.insert(at, i)
+    out: list[Branch] = []
+    for n, i in enumerate(order):
+        w, r = spec.patterns[i]
+        heads = tuple(h for h in range(num_heads) if offsets[i][h] is not None)
+        if not heads:
+            continue
+        earlier = []
+        if spec.overlap == "set":
+            for e in order[:n]:
+                if all(offsets[e][h] is not None for h in heads):  # "grouped" never shares a head
+                    we, re_ = spec.patterns[e]
+                    earlier.append((we, re_, tuple(offsets[e][h] for h in heads)))
+        out.append(Branch(w, r, heads, tuple(offsets[i][h] for h in heads), tuple(earlier)))
+    slots = max(len(b.earlier) for b in out)
+    return tuple(
+        Branch(b.segment, b.rate, b.heads, b.offsets, b.earlier + ((1, 1, (-1,) * len(b.heads)),) * (slots - len(b.earlier)))
+        for b in out
+    )
