@@ -108,9 +108,9 @@ def fit_to_length(spec: DilatedSpec, seq_len: int) -> DilatedSpec:
     Segments up to 2**16 are never changed, so that every length (and every packed document) of a usual spec shares
     one set of compiled kernels; past it, a power of two keeps their number logarithmic.
     """
-    cap = max(1 << max(seq_len - 1, 1).bit_length(), 2**16)
-    if all(w <= cap for w in spec.segment_lengths):
+    if all(w <= 2**16 or w <= seq_len for w in spec.segment_lengths):  # (no arithmetic on a symbolic N)
         return spec
+    cap = max(1 << max(seq_len - 1, 1).bit_length(), 2**16)
     return replace(spec, segment_lengths=tuple(min(w, cap) for w in spec.segment_lengths))
 
 
