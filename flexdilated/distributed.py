@@ -16,8 +16,8 @@ Rank ρ of P holds tokens ``[ρ·n, (ρ+1)·n)`` of q, k, v (B, H, n, D), N = P�
 - otherwise a ValueError names w, n, N and P.
 
 The partial results are merged by LSE (`merge.py`). Bytes one rank sends per layer, forward:
-``Σ_spanning 2·(g-1)·C·⌈n/r⌉·D·itemsize ≤ Σ 2·(w/r)·C·D·itemsize`` (C classes of the pattern): bounded by the
-spec, constant in N. They are counted where they are sent (`count_bytes`), backward too.
+``Σ_spanning 2·(g-1)·C·⌈n/r⌉·D·itemsize ≤ Σ 2·(w/r)·C·D·itemsize`` (C classes of the pattern):
+bounded by the spec, constant in N. They are counted where they are sent (`count_bytes`), backward too.
 """
 
 from __future__ import annotations
@@ -106,7 +106,7 @@ def sequence_parallel_attention(
         out, lse = _spanning_attention(q, k, v, branch, spec.causal, scale, n, rank, group, algorithm)
         outs.append(out)
         lses.append(lse)
-    out, lse = merge(outs, [x.to(torch.float64 if q.dtype == torch.float64 else torch.float32) for x in lses])
+    out, lse = merge(outs, lses)  # every LSE in the working precision (float64 for float64 inputs)
     out = out.to(q.dtype)
     return (out, lse.float()) if return_lse else out
 
@@ -242,9 +242,9 @@ def _spanning_attention(q, k, v, branch: Branch, causal: bool, scale: float, n: 
 
 
 def _put(buf: torch.Tensor, heads: torch.Tensor, rows: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """``buf[:, heads[h], rows[h, i]] = x[:, h, i]`` out of place (differentiable)."""
-    index = (heads[:, None].expand_as(rows), rows)
-    return torch.stack([b.index_put(index, xb) for b, xb in zip(buf.unbind(0), x.unbind(0))])
+    """``buf[b, heads[h], rows[h, i]] = x[b, h, i]`` out of place (differentiable)."""
+    batch = torch.arange(buf.shape[0], device=buf.device)[:, None, None]
+    return buf.index_put((batch, heads[None, :, None], rows[None]), x)
 
 
 def _mask_mod(q_ok, q_pos, k_ok, k_pos, cls_of_head, causal: bool, earlier, device):

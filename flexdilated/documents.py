@@ -14,8 +14,11 @@ import torch
 
 
 def check_document_ids(ids: torch.Tensor, batch: int, seq_len: int, device: torch.device) -> None:
-    if not isinstance(ids, torch.Tensor) or ids.dtype.is_floating_point or ids.dtype in (torch.bool, torch.complex64):
-        raise TypeError(f"document_ids must be an integer tensor (B, N), got {getattr(ids, 'dtype', type(ids).__name__)}")
+    dtype = getattr(ids, "dtype", None)
+    if not isinstance(ids, torch.Tensor) or dtype.is_floating_point or dtype.is_complex or dtype == torch.bool:
+        raise TypeError(
+            f"document_ids must be an integer tensor (B, N), got {getattr(ids, 'dtype', type(ids).__name__)}"
+        )
     if tuple(ids.shape) != (batch, seq_len):
         raise ValueError(f"document_ids must have shape (B, N) = {(batch, seq_len)}, got {tuple(ids.shape)}")
     if ids.device != device:
@@ -49,10 +52,9 @@ def document_attention(q, k, v, ids: torch.Tensor, key_padding_mask, attend: Cal
     """``attend(q, k, v, key_padding_mask)`` -> (out, lse) on each document alone; the pieces put back in order."""
     outs, lses = [], []
     for b, spans in enumerate(documents(ids)):
+        pad = None if key_padding_mask is None else key_padding_mask[b : b + 1]
         row = [
-            attend(*(x[b : b + 1, :, s:e] for x in (q, k, v)),
-                   None if key_padding_mask is None else key_padding_mask[b : b + 1, s:e])
-            for s, e in spans
+            attend(*(x[b : b + 1, :, s:e] for x in (q, k, v)), None if pad is None else pad[:, s:e]) for s, e in spans
         ]
         outs.append(torch.cat([o for o, _ in row], dim=2))
         lses.append(torch.cat([l for _, l in row], dim=2))

@@ -82,7 +82,9 @@ def register(
     def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
         return dilated_attention_forward(module, query, key, value, attention_mask, specs, scaling, dropout, **kwargs)
 
-    attention.__doc__ = f"flexdilated.hf: dilated attention {specs[True].patterns}, heads={heads!r}, overlap={overlap!r}"
+    attention.__doc__ = (
+        f"flexdilated.hf: dilated attention {specs[True].patterns}, heads={heads!r}, overlap={overlap!r}"
+    )
     AttentionInterface.register(name, attention)
     AttentionMaskInterface.register(name, padding_mask)
     return name

@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 from torch.nn.attention.flex_attention import AuxRequest, BlockMask, flex_attention
 
-from .masks import MaskMod, _first_true
+from .masks import MaskMod, block_tables
 
 MAX_ELEMENTS = 2**31 - 1  # flex indexes each of q, k, v, out with int32 offsets
 SLAB_SCORES = 2**24  # score elements per slab in the math route (64 MiB in float32)
@@ -83,6 +83,17 @@ def _scores(q, k, keep, scale):
     return s.masked_fill(~keep, float("-inf"))
 
 
+def _softmax_attend(s: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``softmax(s) @ v`` and ``logsumexp(s)`` over the last dim of masked scores ``s`` (-inf = masked): rows with
+    no key give 0 and -inf, with no NaN in value or gradient."""
+    top = s.detach().amax(-1, keepdim=True)
+    e = torch.exp(s - torch.where(top == float("-inf"), 0.0, top))
+    den = e.sum(-1, keepdim=True)
+    empty = den == 0
+    den = torch.where(empty, 1.0, den)
+    return (e @ _working(v)) / den, torch.where(empty, float("-inf"), top + torch.log(den)).squeeze(-1)
+
+
 class _MathAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, mask_mod, scale, use_flex):
@@ -107,11 +118,7 @@ class _MathAttention(torch.autograd.Function):
                 out[a:z], lse[a:z] = o, aux.lse
                 continue
             s = _scores(q[a:z], k[a:z], _keep(mask_mod, a, z, H, L, q.device), scale)
-            m = s.amax(-1, keepdim=True)
-            e = torch.exp(s - torch.where(m == float("-inf"), 0.0, m))
-            den = e.sum(-1, keepdim=True)
-            out[a:z] = (e @ _working(v[a:z])) / torch.where(den == 0, 1.0, den)
-            lse[a:z] = torch.where(den == 0, float("-inf"), m + torch.log(den)).squeeze(-1)
+            out[a:z], lse[a:z] = _softmax_attend(s, v[a:z])
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.mask_mod, ctx.scale, ctx.step = mask_mod, scale, step
         return out, lse
@@ -161,33 +168,12 @@ def math_route_rect(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask_mod:
     i = torch.arange(Lq, device=q.device)[None, :, None]
     j = torch.arange(Lk, device=q.device)[None, None, :]
     keep = mask_mod(torch.zeros((), dtype=torch.int64, device=q.device), h, i, j)
-    s = _scores(q, k, keep, scale)
-    top = s.detach().amax(-1, keepdim=True)
-    e = torch.exp(s - torch.where(top == float("-inf"), 0.0, top))
-    total = e.sum(-1, keepdim=True)
-    empty = total == 0
-    out = (e / torch.where(empty, 1.0, total)) @ _working(v)
-    lse = torch.where(empty, float("-inf"), top + torch.log(torch.where(empty, 1.0, total))).squeeze(-1)
+    out, lse = _softmax_attend(_scores(q, k, keep, scale), v)
     return out.to(q.dtype), lse
 
 
 def _rect_block_mask(mask_mod: MaskMod, H: int, Lq: int, Lk: int, device, block: int = 128) -> BlockMask:
-    nq, nk = -(-Lq // block), -(-Lk // block)
-    h = torch.arange(H, device=device)[:, None, None]
-    cols = torch.arange(nk * block, device=device)
-    b0 = torch.zeros((), dtype=torch.int64, device=device)
-    any_rows, all_rows = [], []
-    for qb in range(nq):
-        i = torch.arange(qb * block, (qb + 1) * block, device=device)
-        keep = mask_mod(b0, h, i.clamp(max=Lq - 1)[None, :, None], cols.clamp(max=Lk - 1)[None, None, :])
-        inside = ((i[:, None] < Lq) & (cols[None, :] < Lk)).view(1, block, nk, block)
-        keep = keep.view(H, block, nk, block)
-        any_rows.append((keep & inside).any(3).any(1))
-        all_rows.append((keep | ~inside).all(3).all(1))
-    any_, full = torch.stack(any_rows, 1), torch.stack(all_rows, 1)
-    full = full & any_
-    partial = any_ & ~full
-    tables = [x[None] for pair in (_first_true(partial), _first_true(full)) for x in pair]
+    tables = block_tables(mask_mod, H, Lq, Lk, device, block)
     return BlockMask.from_kv_blocks(*tables, BLOCK_SIZE=block, mask_mod=mask_mod, seq_lengths=(Lq, Lk))
 
 

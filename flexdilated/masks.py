@@ -84,35 +84,44 @@ def _first_true(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return num, idx
 
 
-@traced_cache(maxsize=512)
-def _block_tables(branch: Branch, seglen: int, rows: int, causal: bool, device: torch.device, block: int):
-    """Partial and full block tables of the branch on a segment of length ``seglen`` gathered into ``rows`` rows.
+def block_tables(
+    mask_mod: MaskMod, heads: int, q_len: int, kv_len: int, device: torch.device, block: int, full_blocks: bool = True
+):
+    """Flex's partial and full block tables (1, H, ...) of ``mask_mod(0, h, i, j)`` on ``q_len`` x ``kv_len``.
 
-    The mask is evaluated one row of query blocks at a time: O(H * block * rows) memory, never (H, rows, rows).
-    If the set-exclusion varies by segment (``not branch.nested``) it is left to the mask_mod, element-wise:
-    every block it might touch is marked partial.
+    The mask is evaluated one row of query blocks at a time: O(H * block * kv_len) memory, never (H, q_len,
+    kv_len); indices past the ends are clamped (the mask_mod may index tables with them) and count as masked.
+    With ``full_blocks=False`` every block the mask touches is partial (the mask_mod then decides element-wise).
     """
-    exact = branch.nested
-    mask_mod = branch_mask_mod(branch, seglen, causal, device, exclusions=exact)
-    nb = -(-rows // block)
-    heads = torch.arange(len(branch.heads), device=device)[:, None, None]
-    cols = torch.arange(nb * block, device=device)
+    nq, nk = -(-q_len // block), -(-kv_len // block)
+    h = torch.arange(heads, device=device)[:, None, None]
+    cols = torch.arange(nk * block, device=device)
     b0 = torch.zeros((), dtype=torch.int64, device=device)
     any_rows, all_rows = [], []
-    for qb in range(nb):
+    for qb in range(nq):
         i = torch.arange(qb * block, (qb + 1) * block, device=device)
-        keep = mask_mod(b0, heads, i[None, :, None], cols[None, None, :])
-        inside = (i[:, None] < rows) & (cols[None, :] < rows)
-        keep = keep.view(-1, block, nb, block)
-        inside = inside.view(1, block, nb, block)
+        keep = mask_mod(b0, h, i.clamp(max=q_len - 1)[None, :, None], cols.clamp(max=kv_len - 1)[None, None, :])
+        inside = ((i[:, None] < q_len) & (cols[None, :] < kv_len)).view(1, block, nk, block)
+        keep = keep.view(-1, block, nk, block)
         any_rows.append((keep & inside).any(dim=3).any(dim=1))
         all_rows.append((keep | ~inside).all(dim=3).all(dim=1))
     any_ = torch.stack(any_rows, dim=1)
-    full = torch.stack(all_rows, dim=1) & any_ if exact else torch.zeros_like(any_)
+    full = torch.stack(all_rows, dim=1) & any_ if full_blocks else torch.zeros_like(any_)
     partial = any_ & ~full
     kv_num, kv_idx = _first_true(partial)
     full_num, full_idx = _first_true(full)
     return kv_num[None], kv_idx[None], full_num[None], full_idx[None]
+
+
+@traced_cache(maxsize=512)
+def _block_tables(branch: Branch, seglen: int, rows: int, causal: bool, device: torch.device, block: int):
+    """Partial and full block tables of the branch on a segment of length ``seglen`` gathered into ``rows`` rows.
+
+    If the set-exclusion varies by segment (``not branch.nested``) it is left to the mask_mod, element-wise:
+    every block it might touch is marked partial.
+    """
+    mask_mod = branch_mask_mod(branch, seglen, causal, device, exclusions=branch.nested)
+    return block_tables(mask_mod, len(branch.heads), rows, rows, device, block, full_blocks=branch.nested)
 
 
 @traced_cache(maxsize=512)

@@ -245,9 +245,9 @@ class LongNetLM(nn.Module):
 
     def forward(self, tokens: torch.Tensor, document_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, N, vocab). ``document_ids`` (B, N), non-decreasing: packed documents, each one as if alone
-        (attention and rotary positions restart at its first token). Sequence parallel: ``tokens`` a DTensor sharded along the sequence (``Shard(1)``
-        on a 1-D mesh) gives logits sharded the same way; each rank computes its shard, the attention exchanges
-        what spans shards (`MultiheadDilatedAttention`)."""
+        (attention and rotary positions restart at its first token). Sequence parallel: ``tokens`` a DTensor
+        sharded along the sequence (``Shard(1)`` on a 1-D mesh) gives logits sharded the same way; each rank
+        computes its shard, the attention exchanges what spans shards (`MultiheadDilatedAttention`)."""
         if _is_dtensor(tokens):
             from torch.distributed.tensor import DTensor, Shard
 
@@ -259,8 +259,9 @@ class LongNetLM(nn.Module):
             )
             return DTensor.from_local(self.head(self.norm(x)), mesh, [Shard(1)], run_check=False)
         _check_tokens("tokens", tokens)
-        docs = {} if document_ids is None else dict(document_ids=document_ids)
-        x = _run_blocks(self.blocks, self.embed(tokens), self.checkpointing and self.training, **docs)
+        x = _run_blocks(
+            self.blocks, self.embed(tokens), self.checkpointing and self.training, document_ids=document_ids
+        )
         return self.head(self.norm(x))
 
     def loss(
@@ -279,8 +280,12 @@ class LongNetLM(nn.Module):
                 raise ValueError("sequence-parallel loss needs targets: shifting tokens would cross shards")
             tokens, targets = tokens[:, :-1], tokens[:, 1:]
             if document_ids is not None:
-                if not isinstance(document_ids, torch.Tensor) or document_ids.shape != (tokens.shape[0], tokens.shape[1] + 1):
-                    raise ValueError(f"document_ids must be shaped like the tokens, got {getattr(document_ids, 'shape', None)}")
+                if not isinstance(document_ids, torch.Tensor) or document_ids.shape != targets.shape[:1] + (
+                    targets.shape[1] + 1,
+                ):
+                    raise ValueError(
+                        f"document_ids must be shaped like the tokens, got {getattr(document_ids, 'shape', None)}"
+                    )
                 same = document_ids[:, 1:] == document_ids[:, :-1]
                 targets, document_ids = targets.masked_fill(~same, -100), document_ids[:, :-1]
         if _is_dtensor(tokens):
@@ -372,7 +377,10 @@ class LongNetEncoder(nn.Module):
         self.checkpointing = checkpointing
 
     def forward(
-        self, tokens: torch.Tensor, key_padding_mask: torch.Tensor | None = None, document_ids: torch.Tensor | None = None
+        self,
+        tokens: torch.Tensor,
+        key_padding_mask: torch.Tensor | None = None,
+        document_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Hidden states (B, N, dim); ``document_ids`` (B, N), non-decreasing: packed documents, each as if alone."""
         _check_tokens("tokens", tokens)

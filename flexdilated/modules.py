@@ -59,7 +59,8 @@ class MultiheadDilatedAttention(nn.Module):
     ``forward(query, key, value, key_padding_mask=None, need_weights=False, attn_mask=None, is_causal=False)``
     returns ``(out, None)``. ``key_padding_mask`` (B, N), True (or -inf) where a key is padding, is composed with
     the pattern. It serves as ``self_attn`` of ``nn.TransformerEncoderLayer``, ``nn.TransformerDecoderLayer``, their
-    stacks and ``nn.Transformer`` (assign it; the layers' fused fast path is ruled out, see ``forward``). ``dropout`` applies to the attention output (B, N, E) before the sub-LayerNorm and the output
+    stacks and ``nn.Transformer`` (assign it; the layers' fused fast path is ruled out, see ``forward``).
+    ``dropout`` applies to the attention output (B, N, E) before the sub-LayerNorm and the output
     projection, in training mode: FlexAttention has no dropout on the attention probabilities.
     ``num_kv_heads`` < ``num_heads`` gives grouped-query attention; ``rotary`` rotates q and k by their positions.
     ``decode`` attends new tokens against a cache of the keys and values before them (causal generation).
