@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from .documents import check_document_ids, document_attention
+from .documents import check_document_ids, document_attention, packed_attention
 from .kernels import flex_route, math_route
 from .layout import Unit, gather, head_index, natural_index, units
 from .masks import branch_block_mask, branch_mask_mod
@@ -117,7 +117,8 @@ def dilated_attention(
     ``out_p = sum_t m e^{s_pt} v_t / sum_t m e^{s_pt}``, ``s = scale * <q_p, k_t>``, m the multiplicity of (p, t)
     (``min(m, 1)`` for ``overlap="set"``); rows that reach no key give 0 and LSE -inf.
     ``key_padding_mask`` (B, N) bool, True where a key is padding, removes those keys from every pattern (as in
-    ``nn.MultiheadAttention``); it takes the dense route (`kernels.math_route`) on every device.
+    ``nn.MultiheadAttention``); on CUDA's strided route its key blocks are skipped, elsewhere it takes the dense
+    route (`kernels.math_route`).
     ``document_ids`` (B, N) integers, non-decreasing along N: packed documents, each attended alone (positions,
     segments and causality counted from its first token; no key of another document), `documents.py`.
     DTensors sharded along the sequence (``Shard(2)``) run sequence-parallel (`distributed.py`), the keys of
@@ -137,8 +138,12 @@ def dilated_attention(
         out, lse = routed_attention(q, k, v, spec, scale, key_padding_mask)
     else:
         check_document_ids(document_ids, q.shape[0], q.shape[2], q.device)
-        attend = lambda q, k, v, pad: routed_attention(q, k, v, spec, scale, pad)  # noqa: E731
-        out, lse = document_attention(q, k, v, document_ids, key_padding_mask, attend)
+        packed = packed_attention(q, k, v, document_ids, spec, scale, key_padding_mask) if _use_flex(q) else None
+        if packed is not None:
+            out, lse = packed
+        else:
+            attend = lambda q, k, v, pad: routed_attention(q, k, v, spec, scale, pad)  # noqa: E731
+            out, lse = document_attention(q, k, v, document_ids, key_padding_mask, attend)
     return (out, lse.float()) if return_lse else out
 
 
@@ -147,12 +152,14 @@ def routed_attention(q, k, v, spec: DilatedSpec, scale: float, key_padding_mask=
     (float64 for float64 inputs, else float32)."""
     B, H, N, D = q.shape
     spec = fit_to_length(spec, N)
-    whole = _whole_chunks(spec, N) if key_padding_mask is None and _use_flex(q) else 0
+    whole = _whole_chunks(spec, N) if _use_flex(q) else 0
     classes = strided_classes(q[:, :, :whole], k[:, :, :whole], spec) if whole else None
     if classes is not None:  # the strided route on whole chunks of the largest segment
-        out, lse = strided_attention(*(x[:, :, :whole] for x in (q, k, v)), spec, classes, scale)
+        pad = (None, None) if key_padding_mask is None else (key_padding_mask[:, :whole], key_padding_mask[:, whole:])
+        key_ok = None if pad[0] is None else ~pad[0]
+        out, lse = strided_attention(*(x[:, :, :whole] for x in (q, k, v)), spec, classes, scale, key_ok)
         if whole < N:  # chunks are independent: the last, partial one alone on the gather route
-            tail, tail_lse = _attention(*(x[:, :, whole:] for x in (q, k, v)), spec, scale, None)
+            tail, tail_lse = _attention(*(x[:, :, whole:] for x in (q, k, v)), spec, scale, pad[1])
             out, lse = torch.cat((out, tail), 2), torch.cat((lse.to(tail_lse.dtype), tail_lse), 2)
         return out, lse
     slab = slab_length(spec, B * H * D, N)

@@ -2,8 +2,13 @@
 
 The result equals running each document alone: positions, segments, head offsets and causality counted from the
 document's first token, and no key of another document — the promise of FlashAttention's varlen and of flex
-document masks for dense attention. The route does exactly that: each document of each row is one call of the
-single-sequence dispatch (`attention.routed_attention`), so no work crosses a boundary.
+document masks for dense attention. Two routes:
+
+- `packed_attention` (CUDA's strided route): every document of every row is copied into one sequence where each
+  starts at a multiple of the largest segment W, then the strided route runs once on it with the real tokens as
+  key and row flags. Key blocks holding only the gap after a document are skipped, not masked (`strided.py`), so
+  the work is that of the documents alone; the copy costs one pass over q, k, v and out.
+- `document_attention`: each document alone through the single-sequence dispatch (every other input).
 """
 
 from __future__ import annotations
@@ -11,6 +16,9 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+
+from .spec import DilatedSpec, fit_to_length
+from .strided import strided_attention, strided_classes
 
 
 def check_document_ids(ids: torch.Tensor, batch: int, seq_len: int, device: torch.device) -> None:
@@ -59,3 +67,32 @@ def document_attention(q, k, v, ids: torch.Tensor, key_padding_mask, attend: Cal
         outs.append(torch.cat([o for o, _ in row], dim=2))
         lses.append(torch.cat([l for _, l in row], dim=2))
     return torch.cat(outs), torch.cat(lses)
+
+
+def packed_attention(q, k, v, ids: torch.Tensor, spec: DilatedSpec, scale: float, key_padding_mask=None):
+    """(out, lse) of the documents of ``ids`` on the strided route, or None where it does not apply (a segment
+    length that does not divide the largest, heads that are no strided view, or documents so short that aligning
+    them to W would more than double the tokens). One host synchronisation (the document lengths)."""
+    B, H, N, D = q.shape
+    pos = positions_in_document(ids).flatten()
+    doc = (pos == 0).cumsum(0) - 1  # document index of every token, rows one after the other
+    lengths = torch.bincount(doc).tolist()
+    spec = fit_to_length(spec, max(lengths))
+    W = max(spec.segment_lengths)
+    sizes = [-(-n // W) * W for n in lengths]  # each document padded to whole chunks
+    total = sum(sizes)
+    if any(W % w for w in spec.segment_lengths) or total > 2 * B * N:
+        return None
+    starts = torch.tensor([0, *sizes[:-1]], device=q.device).cumsum(0)
+    at = (starts[doc] + pos).view(B, N)  # where each token goes in the aligned sequence
+    # (1, H, total, D) views of (total, H, D) buffers: one pass over q, k, v in any layout
+    aligned = [x.new_zeros(total, x.shape[1], D).index_put((at,), x.transpose(1, 2)).transpose(0, 1)[None]
+               for x in (q, k, v)]
+    classes = strided_classes(aligned[0], aligned[1], spec)
+    if classes is None:
+        return None
+    real = torch.zeros(total, dtype=torch.bool, device=q.device).index_put((at,), torch.ones_like(at, dtype=torch.bool))
+    key_ok = real if key_padding_mask is None else real.index_put((at,), ~key_padding_mask)
+    real, key_ok = real[None], key_ok[None]
+    out, lse = strided_attention(*aligned, spec, classes, scale, key_ok, real)
+    return out[0][:, at].transpose(0, 1), lse[0][:, at].transpose(0, 1)

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch.nn.attention.flex_attention import AuxRequest, BlockMask, flex_attention
 
 from .kernels import compiled_call
-from .masks import BLOCK_SIZE, _block_tables, counts
+from .masks import BLOCK_SIZE, _block_tables, _first_true, counts
 from .merge import merge_lse, merge_weight
 from .spec import Branch, DilatedSpec, branches, traced_cache
 
@@ -185,27 +185,42 @@ def _is_all(classes: list[HeadClass], num_heads: int, rate: int) -> bool:
     )
 
 
-def _folded_view(x: torch.Tensor, heads: tuple[int, int, int], segment: int, rate: int, offset: int) -> torch.Tensor:
-    """(B, H, C, W, D) -> (S, B * n, L, D): segment s of the class in flex's batch entry s, the batch folded into
-    the heads (a view: the caller checked `_batch_folds`)."""
+def _batch_fold(q, k, v, cls: HeadClass) -> str | None:
+    """Where one flex call puts the batch of the class's views of q, k, v (B, H, C, W, D), without a copy:
+
+    - ``"heads"``: the class's heads ``h0 + a*step`` step through all H heads (heads="all": n * step == H), so in a
+      (B, H, N, D) layout entry b + 1 starts where head n would: x[:, heads] views as (B * n, ...);
+    - ``"segments"``: the chunks of entry b + 1 start where chunk C would (a (B, N, H, D) layout seen through
+      ``.transpose(1, 2)``, what modules pass): x views as (n, B * C, W, D);
+    - None: one flex call per batch entry.
+    """
+    pairs = ((q, cls.q_heads), (k, cls.kv_heads), (v, cls.kv_heads))
+    if q.shape[0] == 1 or all(x.stride(0) == len(range(*h)) * h[2] * x.stride(1) for x, h in pairs):
+        return "heads"
+    if all(x.stride(0) == x.shape[2] * x.stride(2) for x, _ in pairs):
+        return "segments"
+    return None
+
+
+def _folded_view(x: torch.Tensor, heads: tuple[int, int, int], segment: int, rate: int, offset: int, fold: str):
+    """(B, H, C, W, D) -> the class's rows as flex's (batch, heads, L, D), a view (the caller checked
+    `_batch_fold`): (S, B * n, L, D) when the batch folds into the heads, (B * S, n, L, D) into the segments."""
     start, stop, step = heads
     x = x[:, start:stop:step]  # (B, n, C, W, D)
-    x = x.view(-1, *x.shape[2:])  # (B * n, C, W, D)
-    x = x.unflatten(2, (x.shape[2] // segment, segment)).flatten(1, 2)  # (B * n, S, w, D)
-    return x[:, :, offset::rate].transpose(0, 1)  # (S, B * n, L, D)
+    x = x.flatten(0, 1) if fold == "heads" else x.transpose(0, 1).flatten(1, 2)  # (B*n, C, W, D) | (n, B*C, W, D)
+    x = x.unflatten(2, (x.shape[2] // segment, segment)).flatten(1, 2)  # (., S', w, D)
+    return x[:, :, offset::rate].transpose(0, 1)
 
 
-def _batch_folds(x: torch.Tensor, heads: tuple[int, int, int]) -> bool:
-    """Whether x[:, heads] (B, n, ...) views as (B * n, ...): one batch entry, or a class whose heads ``h0 + a*step``
-    step through all H heads (heads="all": n * step == H), so batch entry b + 1 starts where head n would."""
-    start, stop, step = heads
-    n = len(range(start, stop, step))
-    return x.shape[0] == 1 or x.stride(0) == n * step * x.stride(1)
+def _unfold(x: torch.Tensor, batch: int, fold: str) -> torch.Tensor:
+    """Flex's (S, B * n, L, *E) or (B * S, n, L, *E) -> (B, n, S, L, *E)."""
+    return x.transpose(0, 1).unflatten(0, (batch, -1)) if fold == "heads" else x.unflatten(0, (batch, -1)).transpose(1, 2)
 
 
 def _segment_mask_mod(cls: HeadClass, causal: bool, device: torch.device):
-    """The class's mask in one segment (batch entry b = segment index, head h = batch entry * n + head): rows
-    i, j < L."""
+    """The class's mask in one segment (b = flex's batch entry, h = its head; both fold the batch in), rows i, j < L.
+    Positions are ``p = b*w + o + i*r``: with the batch folded into b they shift by a multiple of N, which every
+    segment length divides, so the set-exclusions below are unchanged."""
     w, r, o = cls.branch.segment, cls.branch.rate, cls.offset
     n = len(cls.branch.heads)
     earlier = [(w_e, r_e, torch.tensor(o_e, device=device)) for w_e, r_e, o_e in cls.branch.earlier]
@@ -221,39 +236,94 @@ def _segment_mask_mod(cls: HeadClass, causal: bool, device: torch.device):
     return mask_mod
 
 
-def _folded_flex(q, k, v, cls: HeadClass, local, causal: bool, scale: float):
+def _dense(num: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Flex's block table (num, index) as a dense bool matrix (..., q blocks, kv blocks)."""
+    live = torch.arange(index.shape[-1], device=index.device) < num[..., None]
+    return torch.zeros(index.shape, dtype=torch.bool, device=index.device).scatter(-1, index.long(), live)
+
+
+def _class_rows(ok: torch.Tensor, cls: HeadClass, padded: int) -> torch.Tensor:
+    """(B, C, W) token flags -> the class's rows (B, S, padded), False past its L rows."""
+    w, r = cls.branch.segment, cls.branch.rate
+    x = ok.flatten(1).unflatten(1, (-1, w))[:, :, cls.offset :: r]
+    return F.pad(x, (0, padded - x.shape[2]), value=False)
+
+
+def _valid_block_mask(local, cls: HeadClass, key_ok, row_ok, fold: str, batch: int, mask_mod):
+    """The class's BlockMask where only keys with ``key_ok`` (B, C, W) count (and, given ``row_ok``, only query
+    blocks holding a row with it do any work): kv blocks with no valid key are skipped, blocks with some are
+    partial (the mask_mod reads the flags), full ones stay full. Per (batch entry, segment), computed on the device."""
+    nq, nk = local[1].shape[-2:]
+    keys = _class_rows(key_ok, cls, nk * BLOCK_SIZE)  # (B, S, nk * 128)
+    count = keys.unflatten(2, (nk, BLOCK_SIZE)).sum(-1)  # (B, S, nk)
+    some, every = (count > 0)[:, :, None, None, :], (count == BLOCK_SIZE)[:, :, None, None, :]  # (B, S, 1, 1, nk)
+    full = _dense(*local[2:4])
+    reach = _dense(*local[:2]) | full  # (1, h_t, nq, nk)
+    if row_ok is not None:
+        some = some & (_class_rows(row_ok, cls, nq * BLOCK_SIZE).unflatten(2, (nq, BLOCK_SIZE)).any(-1))[:, :, None, :, None]
+    full, partial = full & every & some, reach & some
+    partial = partial & ~full  # (B, S, h_t, nq, nk)
+    n, S, Lp = len(cls.branch.heads), keys.shape[1], keys.shape[2]
+    if fold == "heads":  # flex (S, B * n): one table per (segment, entry, head)
+        full, partial = (x.transpose(0, 1).expand(S, batch, n if batch > 1 else x.shape[2], nq, nk).flatten(1, 2)
+                         for x in (full, partial))
+    else:  # flex (B * S, n)
+        full, partial = (x.flatten(0, 1) for x in (full, partial))
+    keys = keys.flatten()
+
+    def key_index(b, h):
+        return ((h // n) * S + b) * Lp if fold == "heads" else b * Lp
+
+    L = -(-(cls.branch.segment - cls.offset) // cls.branch.rate)
+    return BlockMask.from_kv_blocks(
+        *_first_true(partial), *_first_true(full), BLOCK_SIZE=BLOCK_SIZE, seq_lengths=(L, L),
+        mask_mod=lambda b, h, i, j: mask_mod(b, h, i, j) & keys[key_index(b, h) + j],
+    )
+
+
+def _folded_flex(q, k, v, cls: HeadClass, local, causal: bool, scale: float, fold: str, key_ok=None, row_ok=None):
     """Flex on the class's folded views of q, k, v (B, H, C, W, D), the whole batch in one call:
-    out (B, n, S, L, D), lse (B, n, S, L)."""
+    out (B, n, S, L, D), lse (B, n, S, L). With ``key_ok`` (B, C, W), keys without it are masked (their blocks
+    skipped); with ``row_ok``, query blocks without any such row are skipped (their rows give 0 and -inf)."""
     r, w = cls.branch.rate, cls.branch.segment
     B = q.shape[0]
-    qc = _folded_view(q, cls.q_heads, w, r, cls.offset)
-    kc, vc = (_folded_view(x, cls.kv_heads, w, r, cls.offset) for x in (k, v))
+    qc = _folded_view(q, cls.q_heads, w, r, cls.offset, fold)
+    kc, vc = (_folded_view(x, cls.kv_heads, w, r, cls.offset, fold) for x in (k, v))
     L = qc.shape[2]
-    if local[0].shape[1] > 1 and B > 1:  # per-head tables: one copy per batch entry
-        local = [t.repeat(1, B, *(1,) * (t.dim() - 2)) for t in local]
-    mask = BlockMask((L, L), *local, BLOCK_SIZE=(BLOCK_SIZE, BLOCK_SIZE), mask_mod=_segment_mask_mod(cls, causal, q.device))
+    mask_mod = _segment_mask_mod(cls, causal, q.device)
+    if key_ok is not None:
+        mask = _valid_block_mask(local, cls, key_ok, row_ok, fold, B, mask_mod)
+    else:
+        if fold == "heads" and local[0].shape[1] > 1 and B > 1:  # per-head tables: one copy per batch entry
+            local = [t.repeat(1, B, *(1,) * (t.dim() - 2)) for t in local]
+        mask = BlockMask((L, L), *local, BLOCK_SIZE=(BLOCK_SIZE, BLOCK_SIZE), mask_mod=mask_mod)
     out, aux = flex_attention(
         qc, kc, vc, block_mask=mask, scale=scale, enable_gqa=qc.shape[1] != kc.shape[1], return_aux=AuxRequest(lse=True)
     )
-    return out.transpose(0, 1).unflatten(0, (B, -1)), aux.lse.transpose(0, 1).unflatten(0, (B, -1))
+    return _unfold(out, B, fold), _unfold(aux.lse, B, fold)
 
 
 def _strided_attention(q, k, v, classes: tuple[HeadClass, ...], tables, table_index, causal: bool, scale: float,
-                       out: torch.Tensor | None = None):
+                       out: torch.Tensor | None = None, key_ok: torch.Tensor | None = None,
+                       row_ok: torch.Tensor | None = None):
     """q (B, H, C, W, D), k, v (B, Hkv, C, W, D) -> (out (B, H, N, D), lse (B, H, N), *merge weights).
 
-    With ``out`` given (inference in slabs), the result is written into it. The merge weights are returned only
+    ``key_ok`` (B, C, W) bool: only these keys count (padding, packed documents); ``row_ok``: rows outside it may
+    be skipped (their out 0, LSE -inf). With ``out`` given (inference in slabs), the result is written into it. The merge weights are returned only
     so that Inductor computes them once per row: inlined into the output kernel they cost an exp per element
     (2.25 -> 1.40 ms at N = 2**20, `perf/NOTES.md`)."""
     B, H, C, W, D = q.shape
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     by_pattern: dict[int, list] = {}
     for cls, index in zip(classes, table_index):
-        if all(_batch_folds(x, heads) for x, heads in ((q, cls.q_heads), (k, cls.kv_heads), (v, cls.kv_heads))):
-            o, lse = _folded_flex(q, k, v, cls, tables[index], causal, scale)
-        else:  # grouped heads: one call per batch entry
+        fold = _batch_fold(q, k, v, cls)
+        if fold is not None:
+            o, lse = _folded_flex(q, k, v, cls, tables[index], causal, scale, fold, key_ok, row_ok)
+        else:  # grouped heads in a (B, H, N, D) layout: one call per batch entry
+            one = lambda x, b: None if x is None else x[b : b + 1]  # noqa: E731
             parts = [
-                _folded_flex(q[b : b + 1], k[b : b + 1], v[b : b + 1], cls, tables[index], causal, scale)
+                _folded_flex(*(x[b : b + 1] for x in (q, k, v)), cls, tables[index], causal, scale, "heads",
+                             one(key_ok, b), one(row_ok, b))
                 for b in range(B)
             ]
             o, lse = (torch.cat(x) if B > 1 else x[0] for x in zip(*parts))
@@ -281,10 +351,12 @@ _compiled = torch.compile(_strided_attention, fullgraph=True)
 SLAB_ELEMENTS = 2**30
 
 
-def strided_attention(q, k, v, spec: DilatedSpec, classes: tuple[HeadClass, ...], scale: float):
+def strided_attention(q, k, v, spec: DilatedSpec, classes: tuple[HeadClass, ...], scale: float,
+                      key_ok: torch.Tensor | None = None, row_ok: torch.Tensor | None = None):
     """`dilated_attention` on the strided route (the caller checked `strided_classes`): one compiled call for all
     heads (past 2**31 elements of q: per batch entry and group of heads, `_heads_per_call`), and when no gradient
-    is needed and q has more than SLAB_ELEMENTS elements, one per slab of whole chunks, written in place."""
+    is needed and q has more than SLAB_ELEMENTS elements, one per slab of whole chunks, written in place.
+    ``key_ok``, ``row_ok``: (B, N) bool token flags, see `_strided_attention`."""
     B, H, N, D = q.shape
     W, g = max(spec.segment_lengths), H // k.shape[1]
     G = _heads_per_call(classes, B, H, k.shape[1], N, D)
@@ -293,10 +365,12 @@ def strided_attention(q, k, v, spec: DilatedSpec, classes: tuple[HeadClass, ...]
         ((slice(b, b + 1), slice(h, h + G), slice(h // g, (h + G) // g)), _restrict(classes, h, h + G, g))
         for b in range(B) for h in range(0, H, G)
     ]
+    flags = lambda b, rows=slice(None): [None if x is None else x[b, rows] for x in (key_ok, row_ok)]  # noqa: E731
     slab = max(1, SLAB_ELEMENTS // ((B if G == H else 1) * G * W * D))  # chunks per slab
     needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
     if torch.compiler.is_compiling() or needs_grad or (G == H and slab >= N // W):
-        results = [_call(q[b, hq], k[b, hk], v[b, hk], W, cls, spec.causal, scale) for (b, hq, hk), cls in groups]
+        results = [_call(q[b, hq], k[b, hk], v[b, hk], W, cls, spec.causal, scale, None, *flags(b))
+                   for (b, hq, hk), cls in groups]
         if len(results) == 1:
             return results[0]
         return tuple(torch.cat(x, 1).view(B, H, *x[0].shape[2:]) for x in zip(*results))  # groups in (b, h) order
@@ -305,23 +379,29 @@ def strided_attention(q, k, v, spec: DilatedSpec, classes: tuple[HeadClass, ...]
         for a in range(0, N, slab * W):
             rows = slice(a, a + slab * W)
             part = q[b, hq, rows], k[b, hk, rows], v[b, hk, rows]
-            lse[b, hq, rows] = _call(*part, W, cls, spec.causal, scale, out=out[b, hq, rows])[1]
+            lse[b, hq, rows] = _call(*part, W, cls, spec.causal, scale, out[b, hq, rows], *flags(b, rows))[1]
     return out, lse
 
 
-def _call(q, k, v, W: int, classes: tuple[HeadClass, ...], causal: bool, scale: float, out=None):
-    """One compiled `_strided_attention` on (B, H, N, D) tensors, N a multiple of W; traced in place under an
-    enclosing torch.compile."""
+def _call(q, k, v, W: int, classes: tuple[HeadClass, ...], causal: bool, scale: float, out=None, key_ok=None,
+          row_ok=None):
+    """One compiled `_strided_attention` on (B, H, N, D) tensors and (B, N) flags, N a multiple of W; traced in
+    place under an enclosing torch.compile."""
     chunks = [x.unflatten(2, (x.shape[2] // W, W)) for x in (q, k, v)]
+    flags = [None if x is None else x.unflatten(1, (x.shape[1] // W, W)) for x in (key_ok, row_ok)]
     args = classes, *_tables(classes, causal, q.device), causal, scale
     if torch.compiler.is_compiling():
-        return _strided_attention(*chunks, *args)[:2]
+        return _strided_attention(*chunks, *args, None, *flags)[:2]
     for x in chunks:
         torch._dynamo.maybe_mark_dynamic(x, 2)  # the chunk count: one kernel for every N = C * W
         torch._dynamo.maybe_mark_dynamic(x, 0)  # the batch size (folded into flex's heads where it can be)
+    for x in flags:
+        if x is not None:
+            torch._dynamo.maybe_mark_dynamic(x, 0)
+            torch._dynamo.maybe_mark_dynamic(x, 1)
     if out is not None:
         torch._dynamo.maybe_mark_dynamic(out, 2)
-    return compiled_call(_compiled, *chunks, *args, out=out)[:2]
+    return compiled_call(_compiled, *chunks, *args, out=out, key_ok=flags[0], row_ok=flags[1])[:2]
 
 
 @traced_cache(maxsize=256)

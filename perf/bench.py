@@ -6,7 +6,9 @@ For each workload it times, on fresh random inputs:
 - flexdilated:    the public `dilated_attention` (natural token order in and out);
 - dense_core:     compiled `flex_attention` with no mask on tensors shaped like the gathered sub-sequences,
                   (B * ceil(N / w_i), H_i, ceil(w_i / r_i), D) per pattern, summed (causal mask when causal):
-                  the same useful work without any sparsity overhead;
+                  the same useful work without any sparsity overhead (packed documents: the segments of every
+                  document alone, sum_d ceil(n_d / w_i));
+- sdpa_core:      the same shapes through `F.scaled_dot_product_attention` (FlashAttention);
 - naive_pipeline: the official code's way: gather each pattern's tokens in plain PyTorch, flash attention with
                   its LSE per pattern, scatter back to natural order, merge by LSE (multiset semantics; timing
                   only: padding rows of w % r != 0 are not masked);
@@ -43,6 +45,9 @@ class Workload:
     lengths: tuple[int, ...]
     B: int = 1
     D: int = 64
+    layout: str = "bhnd"  # "bnhd": q, k, v stored (B, N, H, D), passed as .transpose(1, 2) views
+    padding: float = 0.0  # fraction of keys padded at the end of each row (key_padding_mask)
+    documents: int = 0  # mean document length of packed documents (document_ids), 0: one sequence
 
 
 W1 = ((2048, 4096, 8192), (1, 2, 4))
@@ -58,9 +63,23 @@ def workloads(quick: bool) -> list[Workload]:
             out.append(Workload("W1", DilatedSpec(*W1, causal=causal, overlap=overlap), 8, n1))
     out.append(Workload("W2", DilatedSpec(*PAPER), 12, n2))
     out.append(Workload("W3", DilatedSpec(*W1, heads="grouped"), 8, n1))
-    if not quick:  # a training batch: B = 8 at 32,768 tokens (the batch folded into flex's heads)
+    if not quick:  # the shapes of training: a batch, any N, module layouts, padding, packed documents
         out += [Workload("B8", DilatedSpec(*W1, causal=causal), 8, (32768,), B=8) for causal in (False, True)]
+        out.append(Workload("tail", DilatedSpec(*W1), 8, (1000000,)))
+        out.append(Workload("views", DilatedSpec(*W1), 8, (262144,), B=2, layout="bnhd"))
+        out.append(Workload("padding", DilatedSpec(*W1), 8, (32768,), B=8, padding=0.1))
+        out += [Workload("documents", DilatedSpec(*W1, causal=causal), 8, (1048576,), documents=16384)
+                for causal in (False, True)]
     return out
+
+
+def document_lengths(w: Workload, N: int) -> list[int]:
+    """Random document lengths (uniform in 1 .. 2 * mean - 1, seeded) cut to fill N tokens."""
+    gen = torch.Generator().manual_seed(0)
+    lengths = []
+    while sum(lengths) < N:
+        lengths.append(min(int(torch.randint(1, 2 * w.documents, (), generator=gen)), N - sum(lengths)))
+    return lengths
 
 
 def label(w: Workload) -> str:
@@ -90,11 +109,13 @@ def peak_bytes(fn) -> int:
 
 
 def dense_core_inputs(w: Workload, N: int):
-    """Per pattern: (B * ceil(N / w_i), H_i, ceil(w_i / r_i), D) tensors and a causal block mask if needed."""
+    """Per pattern: (B * ceil(N / w_i), H_i, ceil(w_i / r_i), D) tensors (documents: sum_d ceil(n_d / w_i)
+    segments) and a causal block mask if needed."""
     cases = []
+    lengths = document_lengths(w, N) if w.documents else [N] * w.B
     for branch in branches(w.spec, w.heads):
         L = -(-branch.segment // branch.rate)
-        shape = (w.B * -(-N // branch.segment), len(branch.heads), L, w.D)
+        shape = (sum(-(-n // branch.segment) for n in lengths), len(branch.heads), L, w.D)
         if w.spec.causal:
             mask = create_block_mask(lambda b, h, i, j: j <= i, None, None, L, L, device="cuda")
         else:  # all blocks full: no masking work
@@ -134,21 +155,36 @@ def check_naive_pipeline():
 
 def run_one(impl: str, w: Workload, N: int, mode: str, reps: int):
     shape_q = (w.B, w.heads, N, w.D)
-    if impl == "dense_core":
+    if impl in ("dense_core", "sdpa_core"):
         cases = dense_core_inputs(w, N)
         xs = [torch.randn(s, device="cuda", dtype=torch.bfloat16, requires_grad=mode != "fwd") for s, _ in cases]
         masks = [m for _, m in cases]
 
         def fn():
-            outs = [flex(x, x, x, block_mask=m) for x, m in zip(xs, masks)]
+            if impl == "dense_core":
+                outs = [flex(x, x, x, block_mask=m) for x, m in zip(xs, masks)]
+            else:
+                outs = [F.scaled_dot_product_attention(x, x, x, is_causal=w.spec.causal) for x in xs]
             if mode != "fwd":
                 torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
 
     else:
-        q, k, v = (torch.randn(shape_q, device="cuda", dtype=torch.bfloat16, requires_grad=mode != "fwd") for _ in range(3))
+        def make():
+            x = torch.randn(w.B, N, w.heads, w.D, device="cuda", dtype=torch.bfloat16).transpose(1, 2) \
+                if w.layout == "bnhd" else torch.randn(shape_q, device="cuda", dtype=torch.bfloat16)
+            return x.requires_grad_(mode != "fwd")
+
+        q, k, v = make(), make(), make()
         grad = torch.randn(shape_q, device="cuda", dtype=torch.bfloat16) if mode != "fwd" else None
+        extra = {}
+        if w.padding:
+            extra["key_padding_mask"] = torch.zeros(w.B, N, dtype=torch.bool, device="cuda")
+            extra["key_padding_mask"][:, N - int(w.padding * N) :] = True
+        if w.documents:
+            lengths = torch.tensor(document_lengths(w, N), device="cuda")
+            extra["document_ids"] = torch.repeat_interleave(torch.arange(len(lengths), device="cuda"), lengths)[None]
         call = {
-            "flexdilated": lambda: dilated_attention(q, k, v, w.spec),
+            "flexdilated": lambda: dilated_attention(q, k, v, w.spec, **extra),
             "naive_pipeline": lambda: naive_pipeline(q, k, v, w.spec),
             "dense_sdpa": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=w.spec.causal),
         }[impl]
@@ -176,7 +212,7 @@ def main():
     parser.add_argument("--combine", nargs="+", default=None, metavar="JSON",
                         help="merge the records of earlier runs into DIR/results.json, plot and print (no GPU work)")
     parser.add_argument("--lengths", default=None, help="comma-separated N instead of each workload's own")
-    parser.add_argument("--impls", default="flexdilated,dense_core,naive_pipeline,dense_sdpa",
+    parser.add_argument("--impls", default="flexdilated,dense_core,sdpa_core,naive_pipeline,dense_sdpa",
                         help="comma-separated implementations to time (dense_sdpa at 1M costs ~2 min)")
     parser.add_argument("--modes", default="fwd,fwd+bwd")
     args = parser.parse_args()
@@ -201,15 +237,17 @@ def main():
             for impl in args.impls.split(","):
                 if impl != "flexdilated" and w.spec.overlap == "set":
                     continue  # the same work as for multiset (the official merge is multiset only)
-                if impl == "dense_sdpa" and (w.name == "W3" or N > 1048576 or (args.quick and N > 65536)):
-                    continue  # W3's dense attention is W1's
+                if impl == "dense_sdpa" and (w.name not in ("W1", "W2", "B8") or N > 1048576 or (args.quick and N > 65536)):
+                    continue  # the other workloads' dense attention is W1's
+                if impl == "naive_pipeline" and (w.padding or w.documents):
+                    continue  # the official code has neither
                 for mode in args.modes.split(","):
                     if impl == "dense_sdpa" and mode == "fwd+bwd" and N > 262144:
                         continue  # minutes per call, and the forward already makes the point
                     ms, peak, first = run_one(impl, w, N, mode, reps)
                     rec = dict(
-                        workload=w.name, impl=impl, B=w.B, N=N, H=w.heads, D=w.D, causal=w.spec.causal, heads=w.spec.heads,
-                        overlap=w.spec.overlap, mode=mode, ms=ms, peak_bytes=peak, first_call_s=first,
+                        workload=w.name, impl=impl, B=w.B, N=N, H=w.heads, D=w.D, layout=w.layout, causal=w.spec.causal,
+                        heads=w.spec.heads, overlap=w.spec.overlap, padding=w.padding, documents=w.documents, mode=mode, ms=ms, peak_bytes=peak, first_call_s=first,
                         qkvo_bytes=4 * w.B * w.heads * N * w.D * 2, device=device, torch=torch.__version__,
                     )
                     records.append(rec)
@@ -254,18 +292,21 @@ def plot(records, path):
 
 
 def print_ratios(records):
-    print("ratios: /core = flexdilated over dense_core (same useful work); naive/fd and sdpa/fd = speed-ups")
-    print(f"{'workload':8s} {'N':>9s} {'causal':6s} {'overlap':8s} {'mode':7s} {'flexdil ms':>10s} {'/core':>6s} "
-          f"{'naive/fd':>8s} {'sdpa/fd':>8s} {'peak/qkvo':>9s}")
+    print("ratios: /core and /sdpa = flexdilated over dense_core and sdpa_core (same useful work); "
+          "naive/fd and sdpa/fd = speed-ups")
+    print(f"{'workload':9s} {'B':>2s} {'N':>9s} {'causal':6s} {'overlap':8s} {'mode':7s} {'flexdil ms':>10s} {'/core':>6s} "
+          f"{'/sdpa':>6s} {'naive/fd':>8s} {'sdpa/fd':>8s} {'peak/qkvo':>9s} {'first s':>7s}")
     for r in records:
         if r["impl"] != "flexdilated":
             continue
         key = dict(workload=r["workload"], N=r["N"], causal=r["causal"], heads=r["heads"], mode=r["mode"])
         core = find(records, impl="dense_core", **key)
+        sdpa_core = find(records, impl="sdpa_core", **key)
         naive = find(records, impl="naive_pipeline", **key)
         sdpa = find(records, impl="dense_sdpa", N=r["N"], H=r["H"], causal=r["causal"], mode=r["mode"])
-        print(f"{r['workload']:8s} {r['N']:>9,d} {str(r['causal']):6s} {r['overlap']:8s} {r['mode']:7s} {r['ms']:10.2f} "
-              f"{r['ms'] / core:6.2f} {naive / r['ms']:8.2f} {sdpa / r['ms']:8.1f} {r['peak_bytes'] / r['qkvo_bytes']:9.2f}")
+        print(f"{r['workload']:9s} {r['B']:>2d} {r['N']:>9,d} {str(r['causal']):6s} {r['overlap']:8s} {r['mode']:7s} "
+              f"{r['ms']:10.2f} {r['ms'] / core:6.2f} {r['ms'] / sdpa_core:6.2f} {naive / r['ms']:8.2f} "
+              f"{sdpa / r['ms']:8.1f} {r['peak_bytes'] / r['qkvo_bytes']:9.2f} {r.get('first_call_s', math.nan):7.1f}")
 
 
 if __name__ == "__main__":

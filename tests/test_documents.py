@@ -3,11 +3,12 @@ each document alone — outputs, LSE and gradients, float64, with padding, causa
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from flexdilated import DilatedSpec, LongNetEncoder, LongNetLM, dilated_attention, reference_dilated_attention
 from test_attention import make_inputs, problems
+from test_strided import cuda_dispatch_eagerly, inputs, strided_problems
 
 
 @st.composite
@@ -44,6 +45,42 @@ def test_documents_match_the_reference(problem):
     torch.testing.assert_close(lse[reached], ref_lse[reached], rtol=1e-6, atol=1e-6)
     for g, r in zip(grads, ref_grads):
         torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-10)
+
+
+@given(strided_problems(), st.data(), st.sampled_from(["bhnd", "bnhd"]), st.booleans())
+def test_packed_route_matches_the_reference(problem, data, layout, padded):
+    """CUDA's packed route (run eagerly here): the documents aligned to whole chunks in one sequence, the strided
+    route over it with the gaps' key blocks skipped; taken whenever aligning at most doubles the tokens."""
+    from unittest import mock
+
+    import flexdilated.attention as attention
+    import flexdilated.documents as documents
+    from flexdilated.strided import strided_classes
+
+    spec, B, H, Hkv, N, _, seed = problem
+    W = max(spec.segment_lengths)
+    N += data.draw(st.integers(0, W - 1))
+    assume(strided_classes(torch.empty(1, H, W, 16), torch.empty(1, Hkv, W, 16), spec) is not None)
+    ids = torch.zeros(B, N, dtype=torch.int64)
+    for b in range(B):
+        for c in data.draw(st.sets(st.integers(1, N - 1), max_size=3)):
+            ids[b, c:] += 1
+    q, k, v = inputs(B, H, Hkv, N, 16, seed, layout)
+    pad = torch.rand(B, N, generator=torch.Generator().manual_seed(seed)) < 0.3 if padded else None
+    results = []
+    packed = documents.packed_attention
+    with cuda_dispatch_eagerly(), mock.patch.object(
+        attention, "packed_attention", lambda *a: results.append(packed(*a)) or results[-1]
+    ):
+        out, lse = dilated_attention(q, k, v, spec, scale=0.5, return_lse=True, key_padding_mask=pad, document_ids=ids)
+    lengths = torch.unique_consecutive(ids + torch.arange(B)[:, None] * N, return_counts=True)[1]
+    assert (results[0] is not None) == (int((-(-lengths // W) * W).sum()) <= 2 * B * N)
+    ref, ref_lse = reference_dilated_attention(q, k, v, spec, scale=0.5, return_lse=True, key_padding_mask=pad,
+                                               document_ids=ids)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    assert torch.equal(lse == float("-inf"), ref_lse == float("-inf"))
+    reached = lse > float("-inf")
+    torch.testing.assert_close(lse[reached], ref_lse[reached], rtol=1e-6, atol=1e-6)
 
 
 def test_each_document_as_if_alone():

@@ -20,11 +20,12 @@ PAPER = ((2048, 4096, 8192, 16384, 32768), (1, 2, 4, 6, 12))
 TOLERANCE = {torch.bfloat16: 1e-2, torch.float32: 2e-3}
 
 
-def reference_slabbed(q, k, v, spec, slab=128):
+def reference_slabbed(q, k, v, spec, slab=128, key_padding_mask=None, document_ids=None):
     outs, lses = [], []
     for a in range(0, q.shape[2], slab):
         rows = torch.arange(a, min(a + slab, q.shape[2]), device=q.device)
-        out, lse = checkpoint(reference_rows, q[:, :, a : a + slab], k, v, spec, rows, use_reentrant=False)
+        out, lse = checkpoint(reference_rows, q[:, :, a : a + slab], k, v, spec, rows, None, key_padding_mask,
+                              document_ids=document_ids, use_reentrant=False)
         outs.append(out)
         lses.append(lse)
     return torch.cat(outs, 2), torch.cat(lses, 2)
@@ -84,6 +85,52 @@ def test_compiled_kernel_matches_reference(case):
         assert torch.equal(lse == float("-inf"), ~finite)
         assert (out[~finite[..., None].expand_as(out)] == 0).all()
         assert (lse[finite] - ref_lse[finite]).abs().max().item() < 50 * tol
+
+
+# (name, B, Hkv, N, causal, heads, layout, padding, documents): the shapes of training on the strided route
+REAL_SHAPES = [
+    ("views", 2, 8, 16384, True, "all", "bnhd", False, False),  # the batch folded into flex's segments
+    ("grouped-views", 2, 4, 16384, False, "grouped", "bnhd", False, False),
+    ("padding", 2, 8, 20000, True, "all", "bhnd", True, False),  # padded key blocks skipped; a tail
+    ("documents", 2, 4, 20000, True, "all", "bnhd", True, True),  # aligned documents, padding inside them
+]
+
+
+@pytest.mark.parametrize("case", REAL_SHAPES, ids=lambda c: c[0])
+def test_real_shapes_match_reference(case):
+    """Module layouts, key padding and packed documents on the compiled strided route, bf16, forward and backward,
+    against the float64 reference."""
+    name, B, Hkv, N, causal, heads, layout, padded, packed = case
+    spec = DilatedSpec(*W1, causal=causal, heads=heads)
+    gen = torch.Generator(device="cuda").manual_seed(N)
+
+    def make(h):
+        x = torch.randn(B, N, h, 64, generator=gen, device="cuda").bfloat16()
+        return x.transpose(1, 2) if layout == "bnhd" else x.transpose(1, 2).contiguous()
+
+    q, k, v = make(8), make(Hkv), make(Hkv)
+    grad = torch.randn(B, 8, N, 64, generator=gen, device="cuda").bfloat16()
+    extra = {}
+    if padded:
+        pad = torch.rand(B, N, generator=gen, device="cuda") < 0.05
+        pad[:, N - N // 10 :] = True
+        extra["key_padding_mask"] = pad
+    if packed:
+        cuts = torch.tensor([[0, 3000, 3100, 15000], [0, 9000, 17000, 19999]], device="cuda")
+        extra["document_ids"] = (torch.arange(N, device="cuda")[None, :, None] >= cuts[:, None, :]).sum(-1)
+    ref_in = [x.double().requires_grad_() for x in (q, k, v)]
+    ref_out, ref_lse = reference_slabbed(*ref_in, spec, slab=512, **extra)
+    ref_grads = torch.autograd.grad((ref_out * grad.double()).sum(), ref_in)
+    xs = [x.detach().requires_grad_() for x in (q, k, v)]
+    out, lse = dilated_attention(*xs, spec, return_lse=True, **extra)
+    grads = torch.autograd.grad((out * grad).sum(), xs)
+    errors = {"out": rel(out, ref_out)} | {n: rel(g, rg) for n, g, rg in zip("qkv", grads, ref_grads)}
+    print(name, errors)
+    tol = TOLERANCE[torch.bfloat16]
+    assert all(e < tol for e in errors.values()), errors
+    finite = ref_lse > float("-inf")
+    assert torch.equal(lse == float("-inf"), ~finite)
+    assert (lse[finite] - ref_lse[finite]).abs().max().item() < 50 * tol
 
 
 @pytest.mark.parametrize("overlap", ["multiset", "set"])

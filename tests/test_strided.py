@@ -3,6 +3,7 @@ merge run eagerly here (eager flex, forward only) and must equal the float64 ref
 gradients are checked on a GPU (`test_gpu.py`)."""
 
 import warnings
+from contextlib import contextmanager
 from unittest import mock
 
 import pytest
@@ -135,7 +136,7 @@ def test_paper_spec_rows_per_offset():
     q = torch.empty(1, 12, 1, 32768, 16)
     from flexdilated.strided import _folded_view
 
-    rows = {c.offset: _folded_view(q, c.q_heads, 16384, 6, c.offset).shape[2] for c in classes if c.branch.rate == 6}
+    rows = {c.offset: _folded_view(q, c.q_heads, 16384, 6, c.offset, "heads").shape[2] for c in classes if c.branch.rate == 6}
     assert rows == {0: 2731, 1: 2731, 2: 2731, 3: 2731, 4: 2730, 5: 2730}
 
 
@@ -165,13 +166,38 @@ def test_equal_patterns_are_merged_as_two(overlap):
 
 
 
-@given(strided_problems(), st.integers(1, 10**6))
-def test_any_length_runs_whole_chunks_strided_and_the_tail_alone(problem, tail):
-    """`dilated_attention`'s dispatch as on CUDA (patched to run eagerly here): N = C * W + t takes the strided
-    route on the C whole chunks and the gather route on the last t tokens; together they equal the reference."""
+@contextmanager
+def cuda_dispatch_eagerly():
+    """`dilated_attention`'s CUDA dispatch run eagerly on CPU (eager flex, forward only)."""
     import flexdilated.attention as attention
     import flexdilated.kernels as kernels
     from torch.nn.attention.flex_attention import AuxRequest, flex_attention
+
+    def eager_flex(q, k, v, block_mask, scale):
+        out, aux = flex_attention(q, k, v, block_mask=block_mask, scale=scale, return_aux=AuxRequest(lse=True))
+        return out, aux.lse
+
+    with mock.patch.object(attention, "_use_flex", lambda x: True), \
+            mock.patch.object(kernels, "_flex", eager_flex), \
+            mock.patch.object(strided, "_compiled", strided._strided_attention):
+        yield
+
+
+def inputs(B, H, Hkv, N, D, seed, layout):
+    """float64 q, k, v (B, H, N, D); ``layout="bnhd"``: stored (B, N, H, D) and passed as ``.transpose(1, 2)``
+    views, as modules do."""
+    gen = torch.Generator().manual_seed(seed)
+    make = lambda h: torch.randn(B, N, h, D, generator=gen, dtype=torch.float64).transpose(1, 2) \
+        if layout == "bnhd" else torch.randn(B, h, N, D, generator=gen, dtype=torch.float64)  # noqa: E731
+    return make(H), make(Hkv), make(Hkv)
+
+
+@given(strided_problems(), st.integers(1, 10**6), st.sampled_from(["bhnd", "bnhd"]), st.booleans())
+def test_any_length_layout_and_padding_on_the_strided_route(problem, tail, layout, padded):
+    """`dilated_attention`'s CUDA dispatch (run eagerly here): N = C * W + t takes the strided route on the C whole
+    chunks and the gather route on the last t tokens, in either memory layout (the batch folded into flex's heads
+    or segments), with key padding (padded key blocks skipped); together they equal the reference."""
+    import flexdilated.attention as attention
 
     from flexdilated import dilated_attention
 
@@ -179,23 +205,22 @@ def test_any_length_runs_whole_chunks_strided_and_the_tail_alone(problem, tail):
     W = max(spec.segment_lengths)
     N += tail % W
     assume(strided_classes(torch.empty(B, H, N - N % W, 16), torch.empty(B, Hkv, N - N % W, 16), spec) is not None)
-
-    def eager_flex(q, k, v, block_mask, scale):
-        out, aux = flex_attention(q, k, v, block_mask=block_mask, scale=scale, return_aux=AuxRequest(lse=True))
-        return out, aux.lse
-
-    gen = torch.Generator().manual_seed(seed)
-    q = torch.randn(B, H, N, 16, generator=gen, dtype=torch.float64)
-    k, v = (torch.randn(B, Hkv, N, 16, generator=gen, dtype=torch.float64) for _ in range(2))
-    taken = []
-    with mock.patch.object(attention, "_use_flex", lambda x: True), \
-            mock.patch.object(kernels, "_flex", eager_flex), \
-            mock.patch.object(strided, "_compiled", strided._strided_attention), \
+    q, k, v = inputs(B, H, Hkv, N, 16, seed, layout)
+    pad = None
+    if padded:  # random keys, and the end of the last row, as padding
+        pad = torch.rand(B, N, generator=torch.Generator().manual_seed(seed)) < 0.3
+        pad[-1, N // 2 :] = True
+    taken, folds = [], []
+    fold = strided._batch_fold
+    with cuda_dispatch_eagerly(), \
+            mock.patch.object(strided, "_batch_fold", lambda *a: folds.append(fold(*a)) or folds[-1]), \
             mock.patch.object(attention, "strided_attention", lambda *a: taken.append(a[0].shape[2]) or
                               strided.strided_attention(*a)):
-        out, lse = dilated_attention(q, k, v, spec, scale=0.5, return_lse=True)
+        out, lse = dilated_attention(q, k, v, spec, scale=0.5, return_lse=True, key_padding_mask=pad)
     assert taken == [N - N % W]
-    ref, ref_lse = reference_dilated_attention(q, k, v, spec, scale=0.5, return_lse=True)
+    if layout == "bnhd" and N % W == 0:  # the batch folds into flex's segments
+        assert set(folds) == {"heads" if B == 1 else "segments"}
+    ref, ref_lse = reference_dilated_attention(q, k, v, spec, scale=0.5, return_lse=True, key_padding_mask=pad)
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
     assert torch.equal(lse == float("-inf"), ref_lse == float("-inf"))
     reached = lse > float("-inf")
