@@ -133,12 +133,15 @@ def _table_branch(cls: HeadClass) -> Branch:
 @traced_cache(maxsize=256)
 def _local_tables(branch: Branch, causal: bool, device: torch.device) -> tuple[torch.Tensor, ...]:
     """Block tables of one segment (kv and q directions, partial and full): (1, heads, L/128[, L/128]) each, with
-    L = ceil((w - o) / r) the rows of the branch's (one) offset."""
+    L = ceil((w - o) / r) the rows of the branch's (one) offset; then the blocks the pattern reaches and those it
+    fills, as dense bool (1, heads, L/128, L/128) matrices (for `_valid_tables`)."""
     L = counts(branch, branch.segment)[0]
     tables = _block_tables(branch, branch.segment, L, causal, device, BLOCK_SIZE)
     mask = BlockMask.from_kv_blocks(*tables, BLOCK_SIZE=BLOCK_SIZE, seq_lengths=(L, L))
+    full = _dense(*tables[2:])
     return (mask.kv_num_blocks, mask.kv_indices, mask.full_kv_num_blocks, mask.full_kv_indices,
-            mask.q_num_blocks, mask.q_indices, mask.full_q_num_blocks, mask.full_q_indices)
+            mask.q_num_blocks, mask.q_indices, mask.full_q_num_blocks, mask.full_q_indices,
+            _dense(*tables[:2]) | full, full)
 
 
 def _rows(x: torch.Tensor, rows: int, fill: float) -> torch.Tensor:
@@ -249,54 +252,72 @@ def _class_rows(ok: torch.Tensor, cls: HeadClass, padded: int) -> torch.Tensor:
     return F.pad(x, (0, padded - x.shape[2]), value=False)
 
 
-def _valid_block_mask(local, cls: HeadClass, key_ok, row_ok, fold: str, batch: int, mask_mod):
-    """The class's BlockMask where only keys with ``key_ok`` (B, C, W) count (and, given ``row_ok``, only query
-    blocks holding a row with it do any work): kv blocks with no valid key are skipped, blocks with some are
-    partial (the mask_mod reads the flags), full ones stay full. Per (batch entry, segment), computed on the device."""
+def _valid_tables(local, cls: HeadClass, key_ok, row_ok, fold: str, batch: int):
+    """The class's flex tables (both directions) where only keys with ``key_ok`` (B, C, W) count, and the class's
+    key flags for its mask_mod: kv blocks with no valid key are skipped, blocks with some are partial (the mask_mod
+    reads the flags), full ones stay full; given ``row_ok``, query blocks with no such row are skipped too. Per
+    (batch entry, segment), computed eagerly before the compiled call: built inside the graph, Inductor's kernels
+    for them made illegal memory accesses on the H200 (torch 2.11)."""
     nq, nk = local[1].shape[-2:]
     keys = _class_rows(key_ok, cls, nk * BLOCK_SIZE)  # (B, S, nk * 128)
     count = keys.unflatten(2, (nk, BLOCK_SIZE)).sum(-1)  # (B, S, nk)
     some, every = (count > 0)[:, :, None, None, :], (count == BLOCK_SIZE)[:, :, None, None, :]  # (B, S, 1, 1, nk)
-    full = _dense(*local[2:4])
-    reach = _dense(*local[:2]) | full  # (1, h_t, nq, nk)
+    reach, full = local[8:]  # (1, h_t, nq, nk)
     if row_ok is not None:
         some = some & (_class_rows(row_ok, cls, nq * BLOCK_SIZE).unflatten(2, (nq, BLOCK_SIZE)).any(-1))[:, :, None, :, None]
     full, partial = full & every & some, reach & some
     partial = partial & ~full  # (B, S, h_t, nq, nk)
-    n, S, Lp = len(cls.branch.heads), keys.shape[1], keys.shape[2]
+    n, S = len(cls.branch.heads), keys.shape[1]
     if fold == "heads":  # flex (S, B * n): one table per (segment, entry, head)
         full, partial = (x.transpose(0, 1).expand(S, batch, n if batch > 1 else x.shape[2], nq, nk).flatten(1, 2)
                          for x in (full, partial))
     else:  # flex (B * S, n)
         full, partial = (x.flatten(0, 1) for x in (full, partial))
-    keys = keys.flatten()
-
-    def key_index(b, h):
-        return ((h // n) * S + b) * Lp if fold == "heads" else b * Lp
-
-    L = -(-(cls.branch.segment - cls.offset) // cls.branch.rate)
-    return BlockMask.from_kv_blocks(
-        *_first_true(partial), *_first_true(full), BLOCK_SIZE=BLOCK_SIZE, seq_lengths=(L, L),
-        mask_mod=lambda b, h, i, j: mask_mod(b, h, i, j) & keys[key_index(b, h) + j],
-    )
+        keys = keys.flatten(0, 1)
+    tables = [_first_true(x) for x in (partial, full, partial.transpose(-1, -2), full.transpose(-1, -2))]
+    return tuple(t for pair in tables for t in pair), keys
 
 
-def _folded_flex(q, k, v, cls: HeadClass, local, causal: bool, scale: float, fold: str, key_ok=None, row_ok=None):
+def _validity(q, k, v, classes, tables, table_index, key_ok, row_ok):
+    """Per class, per flex call of the class (one, or one per batch entry when the batch does not fold), the
+    `_valid_tables` of q, k, v (B, H, C, W, D) and flags (B, C, W)."""
+    out = []
+    for cls, index in zip(classes, table_index):
+        fold = _batch_fold(q, k, v, cls)
+        if fold is not None:
+            out.append((_valid_tables(tables[index], cls, key_ok, row_ok, fold, q.shape[0]),))
+        else:
+            out.append(tuple(
+                _valid_tables(tables[index], cls, key_ok[b : b + 1], None if row_ok is None else row_ok[b : b + 1],
+                              "heads", 1)
+                for b in range(q.shape[0])
+            ))
+    return tuple(out)
+
+
+def _folded_flex(q, k, v, cls: HeadClass, local, causal: bool, scale: float, fold: str, valid=None):
     """Flex on the class's folded views of q, k, v (B, H, C, W, D), the whole batch in one call:
-    out (B, n, S, L, D), lse (B, n, S, L). With ``key_ok`` (B, C, W), keys without it are masked (their blocks
-    skipped); with ``row_ok``, query blocks without any such row are skipped (their rows give 0 and -inf)."""
+    out (B, n, S, L, D), lse (B, n, S, L). ``valid``: the class's `_valid_tables` (keys without the flag masked,
+    their blocks skipped)."""
     r, w = cls.branch.rate, cls.branch.segment
     B = q.shape[0]
     qc = _folded_view(q, cls.q_heads, w, r, cls.offset, fold)
     kc, vc = (_folded_view(x, cls.kv_heads, w, r, cls.offset, fold) for x in (k, v))
     L = qc.shape[2]
     mask_mod = _segment_mask_mod(cls, causal, q.device)
-    if key_ok is not None:
-        mask = _valid_block_mask(local, cls, key_ok, row_ok, fold, B, mask_mod)
+    if valid is not None:
+        tables, keys = valid
+        n = len(cls.branch.heads)
+        if fold == "heads":  # keys (B, S, Lp): flex head h is entry h // n
+            key_mod = lambda b, h, i, j: mask_mod(b, h, i, j) & keys[h // n, b, j]  # noqa: E731
+        else:  # keys (B * S, Lp)
+            key_mod = lambda b, h, i, j: mask_mod(b, h, i, j) & keys[b, j]  # noqa: E731
+        mask = BlockMask((L, L), *tables, BLOCK_SIZE=(BLOCK_SIZE, BLOCK_SIZE), mask_mod=key_mod)
     else:
+        tables = local[:8]
         if fold == "heads" and local[0].shape[1] > 1 and B > 1:  # per-head tables: one copy per batch entry
-            local = [t.repeat(1, B, *(1,) * (t.dim() - 2)) for t in local]
-        mask = BlockMask((L, L), *local, BLOCK_SIZE=(BLOCK_SIZE, BLOCK_SIZE), mask_mod=mask_mod)
+            tables = [t.repeat(1, B, *(1,) * (t.dim() - 2)) for t in tables]
+        mask = BlockMask((L, L), *tables, BLOCK_SIZE=(BLOCK_SIZE, BLOCK_SIZE), mask_mod=mask_mod)
     out, aux = flex_attention(
         qc, kc, vc, block_mask=mask, scale=scale, enable_gqa=qc.shape[1] != kc.shape[1], return_aux=AuxRequest(lse=True)
     )
@@ -304,26 +325,24 @@ def _folded_flex(q, k, v, cls: HeadClass, local, causal: bool, scale: float, fol
 
 
 def _strided_attention(q, k, v, classes: tuple[HeadClass, ...], tables, table_index, causal: bool, scale: float,
-                       out: torch.Tensor | None = None, key_ok: torch.Tensor | None = None,
-                       row_ok: torch.Tensor | None = None):
+                       out: torch.Tensor | None = None, valid=None):
     """q (B, H, C, W, D), k, v (B, Hkv, C, W, D) -> (out (B, H, N, D), lse (B, H, N), *merge weights).
 
-    ``key_ok`` (B, C, W) bool: only these keys count (padding, packed documents); ``row_ok``: rows outside it may
-    be skipped (their out 0, LSE -inf). With ``out`` given (inference in slabs), the result is written into it. The merge weights are returned only
+    ``valid``: `_validity` of key (and row) flags, e.g. padding or packed documents: only flagged keys count.
+    With ``out`` given (inference in slabs), the result is written into it. The merge weights are returned only
     so that Inductor computes them once per row: inlined into the output kernel they cost an exp per element
     (2.25 -> 1.40 ms at N = 2**20, `perf/NOTES.md`)."""
     B, H, C, W, D = q.shape
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     by_pattern: dict[int, list] = {}
-    for cls, index in zip(classes, table_index):
+    for i, (cls, index) in enumerate(zip(classes, table_index)):
+        calls = (None,) * B if valid is None else valid[i]
         fold = _batch_fold(q, k, v, cls)
         if fold is not None:
-            o, lse = _folded_flex(q, k, v, cls, tables[index], causal, scale, fold, key_ok, row_ok)
+            o, lse = _folded_flex(q, k, v, cls, tables[index], causal, scale, fold, calls[0])
         else:  # grouped heads in a (B, H, N, D) layout: one call per batch entry
-            one = lambda x, b: None if x is None else x[b : b + 1]  # noqa: E731
             parts = [
-                _folded_flex(*(x[b : b + 1] for x in (q, k, v)), cls, tables[index], causal, scale, "heads",
-                             one(key_ok, b), one(row_ok, b))
+                _folded_flex(*(x[b : b + 1] for x in (q, k, v)), cls, tables[index], causal, scale, "heads", calls[b])
                 for b in range(B)
             ]
             o, lse = (torch.cat(x) if B > 1 else x[0] for x in zip(*parts))
@@ -388,20 +407,24 @@ def _call(q, k, v, W: int, classes: tuple[HeadClass, ...], causal: bool, scale: 
     """One compiled `_strided_attention` on (B, H, N, D) tensors and (B, N) flags, N a multiple of W; traced in
     place under an enclosing torch.compile."""
     chunks = [x.unflatten(2, (x.shape[2] // W, W)) for x in (q, k, v)]
-    flags = [None if x is None else x.unflatten(1, (x.shape[1] // W, W)) for x in (key_ok, row_ok)]
-    args = classes, *_tables(classes, causal, q.device), causal, scale
+    tables = _tables(classes, causal, q.device)
+    valid = None
+    if key_ok is not None:
+        flags = [None if x is None else x.unflatten(1, (x.shape[1] // W, W)) for x in (key_ok, row_ok)]
+        valid = _validity(*chunks, classes, *tables, *flags)
+    args = classes, *tables, causal, scale
     if torch.compiler.is_compiling():
-        return _strided_attention(*chunks, *args, None, *flags)[:2]
+        return _strided_attention(*chunks, *args, None, valid)[:2]
     for x in chunks:
         torch._dynamo.maybe_mark_dynamic(x, 2)  # the chunk count: one kernel for every N = C * W
-        torch._dynamo.maybe_mark_dynamic(x, 0)  # the batch size (folded into flex's heads where it can be)
-    for x in flags:
-        if x is not None:
-            torch._dynamo.maybe_mark_dynamic(x, 0)
+        torch._dynamo.maybe_mark_dynamic(x, 0)  # the batch size (folded into flex's heads or segments)
+    for x in torch.utils._pytree.tree_leaves(valid) if valid is not None else ():  # tables and flags
+        torch._dynamo.maybe_mark_dynamic(x, 0)
+        if x.dim() > 2:
             torch._dynamo.maybe_mark_dynamic(x, 1)
     if out is not None:
         torch._dynamo.maybe_mark_dynamic(out, 2)
-    return compiled_call(_compiled, *chunks, *args, out=out, key_ok=flags[0], row_ok=flags[1])[:2]
+    return compiled_call(_compiled, *chunks, *args, out=out, valid=valid)[:2]
 
 
 @traced_cache(maxsize=256)
