@@ -78,9 +78,12 @@ def branch_mask_mod(
 
 
 def _first_true(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row, the number of True entries and their column indices listed first (flex's block table)."""
-    num = x.sum(-1, dtype=torch.int32)
-    idx = torch.argsort(x.to(torch.int8), dim=-1, descending=True, stable=True).to(torch.int32)
+    """Per row, the number of True entries and their column indices listed first (flex's block table).
+
+    Contiguous whatever the layout of ``x``: flex's kernels index the tables as if they were ("Q_IDX and Q_NUM_BLKS
+    are always contiguous", flex_backwards.py.jinja); argsort of a transposed ``x`` is not, and gave wrong dk, dv."""
+    num = x.sum(-1, dtype=torch.int32).contiguous()
+    idx = torch.argsort(x.to(torch.int8), dim=-1, descending=True, stable=True).to(torch.int32).contiguous()
     return num, idx
 
 

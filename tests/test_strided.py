@@ -225,3 +225,36 @@ def test_any_length_layout_and_padding_on_the_strided_route(problem, tail, layou
     assert torch.equal(lse == float("-inf"), ref_lse == float("-inf"))
     reached = lse > float("-inf")
     torch.testing.assert_close(lse[reached], ref_lse[reached], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("layout, B", [("bhnd", 2), ("bhnd", 1), ("bnhd", 2)])
+def test_validity_tables_are_flex_tables(layout, B):
+    """The per-(entry, segment) tables of key padding and documents, as flex's kernels read them: contiguous (they
+    index them as such), the q direction the transpose of the kv direction, no skipped block holding a valid key,
+    and kv blocks reached only by skipped query rows dropped. (The GPU backward of packed documents returned wrong
+    dk, dv when the q tables came out of argsort transposed.)"""
+    spec = DilatedSpec((256, 512), (1, 2), causal=True)
+    q, k, v = inputs(B, 4, 2, 1024, 16, 0, layout)
+    classes = strided_classes(q, k, spec)
+    chunks = [x.unflatten(2, (2, 512)) for x in (q, k, v)]
+    gen = torch.Generator().manual_seed(0)
+    key_ok = (torch.rand(B, 1024, generator=gen) < 0.7).unflatten(1, (2, 512))
+    key_ok[:, 1, 300:] = False  # whole blocks without a valid key
+    row_ok = torch.ones_like(key_ok)
+    row_ok[:, 1, 256:] = False  # whole query blocks without a row
+    tables, index = strided._tables(classes, True, q.device)
+    valid = strided._validity(*chunks, classes, tables, index, key_ok, row_ok)
+    for cls, per_call in zip(classes, valid):
+        for t, keys in per_call:
+            assert all(x.is_contiguous() for x in t)
+            kv, full_kv, q_dir, full_q = (strided._dense(*t[a : a + 2]) for a in range(0, 8, 2))
+            assert torch.equal(q_dir, kv.transpose(-1, -2)) and torch.equal(full_q, full_kv.transpose(-1, -2))
+            assert not (kv & full_kv).any()
+            reach = (kv | full_kv).any(-2)  # kv blocks reached by some query block
+            blocks = keys.unflatten(-1, (-1, strided.BLOCK_SIZE)).any(-1)  # kv blocks holding a valid key
+            if (strided._batch_fold(*chunks, cls) or "heads") == "heads":  # tables (S, B * n), keys (B, S, .)
+                blocks = blocks.transpose(0, 1)[:, :, None]
+                reach = reach.unflatten(1, (B, -1)) if reach.shape[1] > 1 else reach[:, :, None]
+            else:  # tables (B * S, n), keys (B * S, .)
+                blocks = blocks[:, None]
+            assert not (reach & ~blocks).any()  # no block without a valid key is visited
