@@ -245,28 +245,34 @@ def _dense(num: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return torch.zeros(index.shape, dtype=torch.bool, device=index.device).scatter(-1, index.long(), live)
 
 
-def _class_rows(ok: torch.Tensor, cls: HeadClass, padded: int) -> torch.Tensor:
-    """(B, C, W) token flags -> the class's rows (B, S, padded), False past its L rows."""
-    w, r = cls.branch.segment, cls.branch.rate
-    x = ok.flatten(1).unflatten(1, (-1, w))[:, :, cls.offset :: r]
-    return F.pad(x, (0, padded - x.shape[2]), value=False)
+@traced_cache(maxsize=256)
+def _class_positions(classes: tuple[HeadClass, ...], W: int, device: torch.device):
+    """Where every class's rows lie in a chunk of W, segment by segment: (sum_c W / w_c, P) positions, W (a False
+    sentinel) past a class's L rows up to P (the most rows of any class, in whole blocks); and where each class's
+    segments start among the first dimension. One gather then reads the flags of every class."""
+    P = max(-(-counts(c.branch, c.branch.segment)[0] // BLOCK_SIZE) * BLOCK_SIZE for c in classes)
+    j = torch.arange(P, device=device)
+    rows, first = [], []
+    for c in classes:
+        w, r = c.branch.segment, c.branch.rate
+        L = counts(c.branch, w)[0]
+        first.append(len(rows))
+        rows += [torch.where(j < L, s * w + c.offset + j * r, W) for s in range(W // w)]
+    return torch.stack(rows), tuple(first)
 
 
-def _valid_tables(local, cls: HeadClass, key_ok, row_ok, fold: str, batch: int):
-    """The class's flex tables (both directions) where only keys with ``key_ok`` (B, C, W) count, and the class's
-    key flags for its mask_mod: kv blocks with no valid key are skipped, blocks with some are partial (the mask_mod
-    reads the flags), full ones stay full; given ``row_ok``, query blocks with no such row are skipped too. Per
-    (batch entry, segment), computed eagerly before the compiled call: built inside the graph, Inductor's kernels
-    for them made illegal memory accesses on the H200 (torch 2.11)."""
+def _valid_tables(local, cls: HeadClass, keys, count, rows, fold: str, batch: int):
+    """The class's flex tables (both directions) where only some keys count, from its key flags ``keys`` (B, S, Lp),
+    their count per block ``count`` (B, S, nk) and optionally which query blocks hold a row that counts ``rows``
+    (B, S, nq): kv blocks with no valid key are skipped, blocks with some are partial (the mask_mod reads the flags),
+    full ones stay full. Returns the 8 tables and the key flags as the class's mask_mod indexes them."""
     nq, nk = local[1].shape[-2:]
-    keys = _class_rows(key_ok, cls, nk * BLOCK_SIZE)  # (B, S, nk * 128)
-    count = keys.unflatten(2, (nk, BLOCK_SIZE)).sum(-1)  # (B, S, nk)
     some, every = (count > 0)[:, :, None, None, :], (count == BLOCK_SIZE)[:, :, None, None, :]  # (B, S, 1, 1, nk)
     reach, full = local[8:]  # (1, h_t, nq, nk)
-    if row_ok is not None:
-        some = some & (_class_rows(row_ok, cls, nq * BLOCK_SIZE).unflatten(2, (nq, BLOCK_SIZE)).any(-1))[:, :, None, :, None]
-    full, partial = full & every & some, reach & some
-    partial = partial & ~full  # (B, S, h_t, nq, nk)
+    if rows is not None:
+        some = some & rows[:, :, None, :, None]
+    full = full & every & some
+    partial = reach & some & ~full  # (B, S, h_t, nq, nk)
     n, S = len(cls.branch.heads), keys.shape[1]
     if fold == "heads":  # flex (S, B * n): one table per (segment, entry, head)
         full, partial = (x.transpose(0, 1).expand(S, batch, n if batch > 1 else x.shape[2], nq, nk).flatten(1, 2)
@@ -274,24 +280,35 @@ def _valid_tables(local, cls: HeadClass, key_ok, row_ok, fold: str, batch: int):
     else:  # flex (B * S, n)
         full, partial = (x.flatten(0, 1) for x in (full, partial))
         keys = keys.flatten(0, 1)
-    tables = [_first_true(x) for x in (partial, full, partial.transpose(-1, -2), full.transpose(-1, -2))]
-    return tuple(t for pair in tables for t in pair), keys
+    num, index = _first_true(torch.stack((partial, full, partial.transpose(-1, -2), full.transpose(-1, -2))))
+    return tuple(t for pair in zip(num.unbind(0), index.unbind(0)) for t in pair), keys
 
 
 def _validity(q, k, v, classes, tables, table_index, key_ok, row_ok):
     """Per class, per flex call of the class (one, or one per batch entry when the batch does not fold), the
-    `_valid_tables` of q, k, v (B, H, C, W, D) and flags (B, C, W)."""
+    `_valid_tables` of q, k, v (B, H, C, W, D) and flags (B, C, W): keys without ``key_ok`` are masked and their
+    blocks skipped; given ``row_ok``, query blocks with no such row are skipped too (their rows give 0 and -inf).
+
+    Built eagerly before the compiled call (built inside the graph, Inductor's kernels for them made illegal memory
+    accesses on the H200, torch 2.11), in few operations: host time here is time the GPU waits."""
+    W = key_ok.shape[2]
+    positions, first = _class_positions(classes, W, key_ok.device)
+    flags = [None if x is None else F.pad(x, (0, 1), value=False)[:, :, positions] for x in (key_ok, row_ok)]
+    count = flags[0].unflatten(-1, (-1, BLOCK_SIZE)).sum(-1)  # (B, C, rows, P / 128)
+    rows = None if flags[1] is None else flags[1].unflatten(-1, (-1, BLOCK_SIZE)).any(-1)
     out = []
-    for cls, index in zip(classes, table_index):
+    for cls, index, start in zip(classes, table_index, first):
+        local = tables[index]
+        nq, nk = local[1].shape[-2:]
+        stop = start + W // cls.branch.segment
+        keys = flags[0][:, :, start:stop, : nk * BLOCK_SIZE].flatten(1, 2)  # (B, S, Lp)
+        parts = keys, count[:, :, start:stop, :nk].flatten(1, 2), None if rows is None else rows[:, :, start:stop, :nq].flatten(1, 2)
         fold = _batch_fold(q, k, v, cls)
         if fold is not None:
-            out.append((_valid_tables(tables[index], cls, key_ok, row_ok, fold, q.shape[0]),))
+            out.append((_valid_tables(local, cls, *parts, fold, q.shape[0]),))
         else:
-            out.append(tuple(
-                _valid_tables(tables[index], cls, key_ok[b : b + 1], None if row_ok is None else row_ok[b : b + 1],
-                              "heads", 1)
-                for b in range(q.shape[0])
-            ))
+            one = [(None if x is None else x[b : b + 1] for x in parts) for b in range(q.shape[0])]
+            out.append(tuple(_valid_tables(local, cls, *p, "heads", 1) for p in one))
     return tuple(out)
 
 

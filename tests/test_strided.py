@@ -231,7 +231,7 @@ def test_any_length_layout_and_padding_on_the_strided_route(problem, tail, layou
 def test_validity_tables_are_flex_tables(layout, B):
     """The per-(entry, segment) tables of key padding and documents, as flex's kernels read them: contiguous (they
     index them as such), the q direction the transpose of the kv direction, no skipped block holding a valid key,
-    and kv blocks reached only by skipped query rows dropped. (The GPU backward of packed documents returned wrong
+    with both key and row flags. (The GPU backward of packed documents returned wrong
     dk, dv when the q tables came out of argsort transposed.)"""
     spec = DilatedSpec((256, 512), (1, 2), causal=True)
     q, k, v = inputs(B, 4, 2, 1024, 16, 0, layout)
