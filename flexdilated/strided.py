@@ -302,13 +302,16 @@ def _validity(q, k, v, classes, tables, table_index, key_ok, row_ok):
         nq, nk = local[1].shape[-2:]
         stop = start + W // cls.branch.segment
         keys = flags[0][:, :, start:stop, : nk * BLOCK_SIZE].flatten(1, 2)  # (B, S, Lp)
-        parts = keys, count[:, :, start:stop, :nk].flatten(1, 2), None if rows is None else rows[:, :, start:stop, :nq].flatten(1, 2)
+        block_rows = None if rows is None else rows[:, :, start:stop, :nq].flatten(1, 2)  # (B, S, nq)
+        parts = keys, count[:, :, start:stop, :nk].flatten(1, 2), block_rows
         fold = _batch_fold(q, k, v, cls)
         if fold is not None:
             out.append((_valid_tables(local, cls, *parts, fold, q.shape[0]),))
-        else:
-            one = [(None if x is None else x[b : b + 1] for x in parts) for b in range(q.shape[0])]
-            out.append(tuple(_valid_tables(local, cls, *p, "heads", 1) for p in one))
+        else:  # one call per batch entry
+            entry = lambda x, b: None if x is None else x[b : b + 1]  # noqa: E731
+            out.append(tuple(
+                _valid_tables(local, cls, *(entry(x, b) for x in parts), "heads", 1) for b in range(q.shape[0])
+            ))
     return tuple(out)
 
 
