@@ -1,6 +1,6 @@
 """The strided route (`flexdilated/strided.py`, CUDA's fast path) on CPU: its views, block tables, placement and
-merge run eagerly here (eager flex, forward only) and must equal the float64 reference. The compiled kernels and
-gradients are checked on a GPU (`test_gpu.py`)."""
+merge run eagerly here (eager flex made to honour the block tables as the kernels do, forward only) and must equal
+the float64 reference. The compiled kernels and gradients are checked on a GPU (`test_gpu.py`)."""
 
 import warnings
 from contextlib import contextmanager
@@ -16,6 +16,35 @@ import flexdilated.strided as strided
 from flexdilated.strided import _strided_attention, _tables, head_classes, strided_classes
 
 warnings.filterwarnings("ignore", "flex_attention called without torch.compile")
+
+
+def flex_honouring_tables(q, k, v, block_mask, **kwargs):
+    """Eager flex as the compiled kernels compute it: eager flex on CPU evaluates only the mask_mod and ignores the
+    block tables, so a block wrongly skipped (or wrongly full) would pass unseen. Here a pair counts only in a
+    partial block where the mask_mod keeps it, or in a full block. The tables are also checked as the kernels read
+    them: contiguous, and the query direction the transpose of the kv direction."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    tables = block_mask.as_tuple()[2:10]  # kv, full kv, q, full q: (num, indices) each
+    assert all(t.is_contiguous() for t in tables)
+    kv, full, q_dir, full_q = (strided._dense(*tables[a : a + 2]) for a in range(0, 8, 2))
+    assert torch.equal(q_dir, kv.transpose(-1, -2)) and torch.equal(full_q, full.transpose(-1, -2))
+    mask_mod, block = block_mask.mask_mod, strided.BLOCK_SIZE
+    Bt, Ht = kv.shape[:2]
+
+    def honoured(b, h, i, j):
+        at = b % Bt, h % Ht, i // block, j // block
+        return full[at] | (kv[at] & mask_mod(b, h, i, j))
+
+    bm = type(block_mask)(block_mask.seq_lengths, *block_mask.as_tuple()[2:10], BLOCK_SIZE=block_mask.BLOCK_SIZE,
+                          mask_mod=honoured)
+    return flex_attention(q, k, v, block_mask=bm, **kwargs)
+
+
+@pytest.fixture(autouse=True)
+def kernels_honour_tables():
+    with mock.patch.object(strided, "flex_attention", flex_honouring_tables):
+        yield
 
 
 @st.composite
@@ -168,7 +197,8 @@ def test_equal_patterns_are_merged_as_two(overlap):
 
 @contextmanager
 def cuda_dispatch_eagerly():
-    """`dilated_attention`'s CUDA dispatch run eagerly on CPU (eager flex, forward only)."""
+    """`dilated_attention`'s CUDA dispatch run eagerly on CPU (eager flex honouring the block tables, forward
+    only)."""
     import flexdilated.attention as attention
     import flexdilated.kernels as kernels
     from torch.nn.attention.flex_attention import AuxRequest, flex_attention
@@ -179,7 +209,8 @@ def cuda_dispatch_eagerly():
 
     with mock.patch.object(attention, "_use_flex", lambda x: True), \
             mock.patch.object(kernels, "_flex", eager_flex), \
-            mock.patch.object(strided, "_compiled", strided._strided_attention):
+            mock.patch.object(strided, "_compiled", strided._strided_attention), \
+            mock.patch.object(strided, "flex_attention", flex_honouring_tables):
         yield
 
 
