@@ -356,13 +356,13 @@ def _strided_attention(q, k, v, classes: tuple[HeadClass, ...], tables, table_in
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     by_pattern: dict[int, list] = {}
     for i, (cls, index) in enumerate(zip(classes, table_index)):
-        calls = (None,) * B if valid is None else valid[i]
         fold = _batch_fold(q, k, v, cls)
         if fold is not None:
-            o, lse = _folded_flex(q, k, v, cls, tables[index], causal, scale, fold, calls[0])
-        else:  # grouped heads in a (B, H, N, D) layout: one call per batch entry
+            o, lse = _folded_flex(q, k, v, cls, tables[index], causal, scale, fold, valid and valid[i][0])
+        else:  # one call per batch entry (the batch size is then no dynamic size)
             parts = [
-                _folded_flex(*(x[b : b + 1] for x in (q, k, v)), cls, tables[index], causal, scale, "heads", calls[b])
+                _folded_flex(*(x[b : b + 1] for x in (q, k, v)), cls, tables[index], causal, scale, "heads",
+                             valid and valid[i][b])
                 for b in range(B)
             ]
             o, lse = (torch.cat(x) if B > 1 else x[0] for x in zip(*parts))

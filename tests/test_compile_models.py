@@ -70,3 +70,35 @@ def test_compiles_once_per_sequence_length():
     # LongNetEncoder and LongNet (source and target lengths each symbolic) measured the same counts; they are left
     # out here for time (their dynamic recompiles take 6 and 12 s each on 2 cores).
     assert train_compiled("LongNetLM", (2, 3, 4, 6)) == [1, 2, 2, 2]
+
+
+@pytest.mark.parametrize("layout, graphs", [("bnhd", 1), ("bhnd", 4)])
+def test_strided_route_compiles_across_batch_and_length(layout, graphs):
+    """The strided route's compiled graph (Dynamo only, "eager" backend; CUDA's dispatch run on CPU): (B, N, H, D)
+    views fold the batch into flex's batch of segments, so one graph serves every batch size > 1 and every N. In
+    (B, H, N, D) storage the batch folds into flex's heads, which flex keeps static: one graph per batch size."""
+    from unittest import mock
+
+    import flexdilated.attention as attention
+    import flexdilated.kernels as kernels
+    import flexdilated.strided as strided
+    from torch.nn.attention.flex_attention import AuxRequest, flex_attention
+
+    from flexdilated import DilatedSpec, dilated_attention
+
+    def eager_flex(q, k, v, block_mask, scale):
+        out, aux = flex_attention(q, k, v, block_mask=block_mask, scale=scale, return_aux=AuxRequest(lse=True))
+        return out, aux.lse
+
+    spec = DilatedSpec((128, 256, 512), (1, 2, 4), causal=True)
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    compiled = torch.compile(strided._strided_attention, fullgraph=True, backend="eager")
+    with mock.patch.object(attention, "_use_flex", lambda x: True), mock.patch.object(kernels, "_flex", eager_flex), \
+            mock.patch.object(strided, "_compiled", compiled), torch.no_grad():
+        for B, chunks in ((2, 2), (2, 2), (3, 2), (3, 4), (5, 3), (4, 3)):
+            shape = (B, 512 * chunks, 8, 16) if layout == "bnhd" else (B, 8, 512 * chunks, 16)
+            q, k, v = (torch.randn(shape).transpose(1, 2) if layout == "bnhd" else torch.randn(shape) for _ in range(3))
+            dilated_attention(q, k, v, spec)
+    assert counters["stats"]["unique_graphs"] == graphs

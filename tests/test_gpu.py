@@ -273,14 +273,17 @@ def test_sequence_parallel_world_size_one_on_cuda(tmp_path):
 
 
 def test_compiles_once_per_kind_of_change_across_batch_length_and_grad():
-    """The strided route's graph: changing the batch size, N (among multiples of W) or the grad mode compiles at
-    most once per kind of change (the batch and the chunk count are dynamic sizes)."""
+    """The strided route's graph on (B, N, H, D) views (what modules pass): changing the batch size, N (among
+    multiples of W) or the grad mode compiles at most once per kind of change (the batch, folded into flex's batch
+    of segments, and the chunk count are dynamic sizes). In (B, H, N, D) storage the batch folds into flex's heads,
+    which flex keeps static: one graph per batch size (`test_compile_models.py` counts both on CPU)."""
     counters = torch._dynamo.utils.counters
     counters.clear()
     spec = DilatedSpec(*W1, causal=True)
 
     def graphs_after(B, N, grad):
-        q, k, v = (torch.randn(B, 8, N, 64, device="cuda", dtype=torch.bfloat16, requires_grad=grad) for _ in range(3))
+        q, k, v = (torch.randn(B, N, 8, 64, device="cuda", dtype=torch.bfloat16).transpose(1, 2).requires_grad_(grad)
+                   for _ in range(3))
         out = dilated_attention(q, k, v, spec)
         if grad:
             out.sum().backward()
