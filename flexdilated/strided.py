@@ -196,7 +196,9 @@ def _batch_fold(q, k, v, cls: HeadClass) -> str | None:
     - ``"segments"``: the chunks of entry b + 1 start where chunk C would (a (B, N, H, D) layout seen through
       ``.transpose(1, 2)``, what modules pass): x views as (n, B * C, W, D);
     - None: one flex call per batch entry.
-    """
+
+    Flex marks its head count static under Dynamo, so only the segment fold keeps the batch size dynamic (the head
+    fold compiles once per batch size)."""
     pairs = ((q, cls.q_heads), (k, cls.kv_heads), (v, cls.kv_heads))
     if q.shape[0] == 1 or all(x.stride(0) == len(range(*h)) * h[2] * x.stride(1) for x, h in pairs):
         return "heads"
@@ -437,7 +439,7 @@ def _call(q, k, v, W: int, classes: tuple[HeadClass, ...], causal: bool, scale: 
         return _strided_attention(*chunks, *args, None, valid)[:2]
     for x in chunks:
         torch._dynamo.maybe_mark_dynamic(x, 2)  # the chunk count: one kernel for every N = C * W
-        torch._dynamo.maybe_mark_dynamic(x, 0)  # the batch size (folded into flex's heads or segments)
+        torch._dynamo.maybe_mark_dynamic(x, 0)  # the batch size (dynamic where it folds into flex's segments)
     for x in torch.utils._pytree.tree_leaves(valid) if valid is not None else ():  # tables and flags
         torch._dynamo.maybe_mark_dynamic(x, 0)
         if x.dim() > 2:
