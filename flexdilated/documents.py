@@ -83,14 +83,14 @@ def packed_attention(q, k, v, ids: torch.Tensor, spec: DilatedSpec, scale: float
     total = sum(sizes)
     if any(W % w for w in spec.segment_lengths) or total > 2 * B * N:
         return None
+    classes = strided_classes(*(torch.empty(1, x.shape[1], total, D, device="meta") for x in (q, k)), spec)
+    if classes is None:
+        return None
     starts = torch.tensor([0, *sizes[:-1]], device=q.device).cumsum(0)
     at = (starts[doc] + pos).view(B, N)  # where each token goes in the aligned sequence
     # (1, H, total, D) views of (total, H, D) buffers: one pass over q, k, v in any layout
     aligned = [x.new_zeros(total, x.shape[1], D).index_put((at,), x.transpose(1, 2)).transpose(0, 1)[None]
                for x in (q, k, v)]
-    classes = strided_classes(aligned[0], aligned[1], spec)
-    if classes is None:
-        return None
     real = torch.zeros(total, dtype=torch.bool, device=q.device).index_put((at,), torch.ones_like(at, dtype=torch.bool))
     key_ok = real if key_padding_mask is None else real.index_put((at,), ~key_padding_mask)
     real, key_ok = real[None], key_ok[None]
