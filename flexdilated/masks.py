@@ -90,7 +90,17 @@ def _first_true(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def block_tables(
     mask_mod: MaskMod, heads: int, q_len: int, kv_len: int, device: torch.device, block: int, full_blocks: bool = True
 ):
-    """Flex's partial and full block tables (1, H, ...) of ``mask_mod(0, h, i, j)`` on ``q_len`` x ``kv_len``.
+    """Flex's partial and full block tables (1, H, ...) of ``mask_mod(0, h, i, j)`` on ``q_len`` x ``kv_len``
+    (`block_matrices` as lists of block indices)."""
+    partial, full = block_matrices(mask_mod, heads, q_len, kv_len, device, block, full_blocks)
+    return (*_first_true(partial), *_first_true(full))
+
+
+def block_matrices(
+    mask_mod: MaskMod, heads: int, q_len: int, kv_len: int, device: torch.device, block: int, full_blocks: bool = True
+):
+    """Which blocks of ``mask_mod(0, h, i, j)`` on ``q_len`` x ``kv_len`` are partial and which full: dense bool
+    (1, H, q blocks, kv blocks) each.
 
     The mask is evaluated one row of query blocks at a time: O(H * block * kv_len) memory, never (H, q_len,
     kv_len); indices past the ends are clamped (the mask_mod may index tables with them) and count as masked.
@@ -110,21 +120,26 @@ def block_tables(
         all_rows.append((keep | ~inside).all(dim=3).all(dim=1))
     any_ = torch.stack(any_rows, dim=1)
     full = torch.stack(all_rows, dim=1) & any_ if full_blocks else torch.zeros_like(any_)
-    partial = any_ & ~full
-    kv_num, kv_idx = _first_true(partial)
-    full_num, full_idx = _first_true(full)
-    return kv_num[None], kv_idx[None], full_num[None], full_idx[None]
+    return (any_ & ~full)[None], full[None]
 
 
 @traced_cache(maxsize=512)
-def _block_tables(branch: Branch, seglen: int, rows: int, causal: bool, device: torch.device, block: int):
-    """Partial and full block tables of the branch on a segment of length ``seglen`` gathered into ``rows`` rows.
+def _block_matrices(branch: Branch, seglen: int, rows: int, causal: bool, device: torch.device, block: int):
+    """Partial and full blocks (dense, `block_matrices`) of the branch on a segment of length ``seglen`` gathered
+    into ``rows`` rows.
 
     If the set-exclusion varies by segment (``not branch.nested``) it is left to the mask_mod, element-wise:
     every block it might touch is marked partial.
     """
     mask_mod = branch_mask_mod(branch, seglen, causal, device, exclusions=branch.nested)
-    return block_tables(mask_mod, len(branch.heads), rows, rows, device, block, full_blocks=branch.nested)
+    return block_matrices(mask_mod, len(branch.heads), rows, rows, device, block, full_blocks=branch.nested)
+
+
+@traced_cache(maxsize=512)
+def _block_tables(branch: Branch, seglen: int, rows: int, causal: bool, device: torch.device, block: int):
+    """`_block_matrices` as flex's block tables: partial and full, (1, H, ...) each."""
+    partial, full = _block_matrices(branch, seglen, rows, causal, device, block)
+    return (*_first_true(partial), *_first_true(full))
 
 
 @traced_cache(maxsize=512)

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch.nn.attention.flex_attention import AuxRequest, BlockMask, flex_attention
 
 from .kernels import compiled_call
-from .masks import BLOCK_SIZE, _block_tables, _first_true, counts
+from .masks import BLOCK_SIZE, _block_matrices, _block_tables, _first_true, counts
 from .merge import merge_lse, merge_weight
 from .spec import Branch, DilatedSpec, branches, traced_cache
 
@@ -138,10 +138,10 @@ def _local_tables(branch: Branch, causal: bool, device: torch.device) -> tuple[t
     L = counts(branch, branch.segment)[0]
     tables = _block_tables(branch, branch.segment, L, causal, device, BLOCK_SIZE)
     mask = BlockMask.from_kv_blocks(*tables, BLOCK_SIZE=BLOCK_SIZE, seq_lengths=(L, L))
-    full = _dense(*tables[2:])
+    partial, full = _block_matrices(branch, branch.segment, L, causal, device, BLOCK_SIZE)
     return (mask.kv_num_blocks, mask.kv_indices, mask.full_kv_num_blocks, mask.full_kv_indices,
             mask.q_num_blocks, mask.q_indices, mask.full_q_num_blocks, mask.full_q_indices,
-            _dense(*tables[:2]) | full, full)
+            partial | full, full)
 
 
 def _rows(x: torch.Tensor, rows: int, fill: float) -> torch.Tensor:
@@ -239,12 +239,6 @@ def _segment_mask_mod(cls: HeadClass, causal: bool, device: torch.device):
         return keep
 
     return mask_mod
-
-
-def _dense(num: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """Flex's block table (num, index) as a dense bool matrix (..., q blocks, kv blocks)."""
-    live = torch.arange(index.shape[-1], device=index.device) < num[..., None]
-    return torch.zeros(index.shape, dtype=torch.bool, device=index.device).scatter(-1, index.long(), live)
 
 
 @traced_cache(maxsize=256)

@@ -18,6 +18,12 @@ from flexdilated.strided import _strided_attention, _tables, head_classes, strid
 warnings.filterwarnings("ignore", "flex_attention called without torch.compile")
 
 
+def dense(num: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Flex's block table (num, index) as a dense bool matrix (..., q blocks, kv blocks)."""
+    live = torch.arange(index.shape[-1]) < num[..., None]
+    return torch.zeros(index.shape, dtype=torch.bool).scatter(-1, index.long(), live)
+
+
 def flex_honouring_tables(q, k, v, block_mask, **kwargs):
     """Eager flex as the compiled kernels compute it: eager flex on CPU evaluates only the mask_mod and ignores the
     block tables, so a block wrongly skipped (or wrongly full) would pass unseen. Here a pair counts only in a
@@ -29,7 +35,7 @@ def flex_honouring_tables(q, k, v, block_mask, **kwargs):
         return flex_attention(q, k, v, block_mask=block_mask, **kwargs)
     tables = block_mask.as_tuple()[2:10]  # kv, full kv, q, full q: (num, indices) each
     assert all(t.is_contiguous() for t in tables)
-    kv, full, q_dir, full_q = (strided._dense(*tables[a : a + 2]) for a in range(0, 8, 2))
+    kv, full, q_dir, full_q = (dense(*tables[a : a + 2]) for a in range(0, 8, 2))
     assert torch.equal(q_dir, kv.transpose(-1, -2)) and torch.equal(full_q, full.transpose(-1, -2))
     mask_mod, block = block_mask.mask_mod, strided.BLOCK_SIZE
     Bt, Ht = kv.shape[:2]
@@ -280,7 +286,7 @@ def test_validity_tables_are_flex_tables(layout, B):
     for cls, per_call in zip(classes, valid):
         for t, keys in per_call:
             assert all(x.is_contiguous() for x in t)
-            kv, full_kv, q_dir, full_q = (strided._dense(*t[a : a + 2]) for a in range(0, 8, 2))
+            kv, full_kv, q_dir, full_q = (dense(*t[a : a + 2]) for a in range(0, 8, 2))
             assert torch.equal(q_dir, kv.transpose(-1, -2)) and torch.equal(full_q, full_kv.transpose(-1, -2))
             assert not (kv & full_kv).any()
             reach = (kv | full_kv).any(-2)  # kv blocks reached by some query block
