@@ -155,11 +155,11 @@ def routed_attention(q, k, v, spec: DilatedSpec, scale: float, key_padding_mask=
     whole = _whole_chunks(spec, N) if _use_flex(q) else 0
     classes = strided_classes(q[:, :, :whole], k[:, :, :whole], spec) if whole else None
     if classes is not None:  # the strided route on whole chunks of the largest segment
-        pad = (None, None) if key_padding_mask is None else (key_padding_mask[:, :whole], key_padding_mask[:, whole:])
-        key_ok = None if pad[0] is None else ~pad[0]
-        out, lse = strided_attention(*(x[:, :, :whole] for x in (q, k, v)), spec, classes, scale, key_ok)
+        key_ok = None if key_padding_mask is None else ~key_padding_mask
+        out, lse = strided_attention(q, k, v, spec, classes, scale, key_ok)  # the whole chunks
         if whole < N:  # chunks are independent: the last, partial one alone on the gather route
-            tail, tail_lse = _attention(*(x[:, :, whole:] for x in (q, k, v)), spec, scale, pad[1])
+            pad = None if key_padding_mask is None else key_padding_mask[:, whole:]
+            tail, tail_lse = _attention(*(x[:, :, whole:] for x in (q, k, v)), spec, scale, pad)
             out, lse = torch.cat((out, tail), 2), torch.cat((lse.to(tail_lse.dtype), tail_lse), 2)
         return out, lse
     slab = slab_length(spec, B * H * D, N)

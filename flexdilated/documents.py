@@ -13,6 +13,7 @@ document masks for dense attention. Two routes:
 
 from __future__ import annotations
 
+from itertools import accumulate
 from typing import Callable
 
 import torch
@@ -72,11 +73,12 @@ def document_attention(q, k, v, ids: torch.Tensor, key_padding_mask, attend: Cal
 def packed_attention(q, k, v, ids: torch.Tensor, spec: DilatedSpec, scale: float, key_padding_mask=None):
     """(out, lse) of the documents of ``ids`` on the strided route, or None where it does not apply (a segment
     length that does not divide the largest, heads that are no strided view, or documents so short that aligning
-    them to W would more than double the tokens). One host synchronisation (the document lengths)."""
+    them to W would more than double the tokens). One host synchronisation (where the documents start)."""
     B, H, N, D = q.shape
-    pos = positions_in_document(ids).flatten()
-    doc = (pos == 0).cumsum(0) - 1  # document index of every token, rows one after the other
-    lengths = torch.bincount(doc).tolist()
+    first = torch.ones(B, N, dtype=torch.bool, device=ids.device)
+    first[:, 1:] = ids[:, 1:] != ids[:, :-1]
+    starts = first.flatten().nonzero().flatten().tolist()  # rows one after the other
+    lengths = [b - a for a, b in zip(starts, starts[1:] + [B * N])]
     spec = fit_to_length(spec, max(lengths))
     W = max(spec.segment_lengths)
     sizes = [-(-n // W) * W for n in lengths]  # each document padded to whole chunks
@@ -86,13 +88,20 @@ def packed_attention(q, k, v, ids: torch.Tensor, spec: DilatedSpec, scale: float
     classes = strided_classes(*(torch.empty(1, x.shape[1], total, D, device="meta") for x in (q, k)), spec)
     if classes is None:
         return None
-    starts = torch.tensor([0, *sizes[:-1]], device=q.device).cumsum(0)
-    at = (starts[doc] + pos).view(B, N)  # where each token goes in the aligned sequence
-    # (1, H, total, D) views of (total, H, D) buffers: one pass over q, k, v in any layout
-    aligned = [x.new_zeros(total, x.shape[1], D).index_put((at,), x.transpose(1, 2)).transpose(0, 1)[None]
+    device = q.device
+    shift = torch.tensor([a - s for a, s in zip(accumulate([0, *sizes[:-1]]), starts)], device=device)
+    tokens = torch.arange(B * N, device=device)
+    at = tokens + shift.repeat_interleave(torch.tensor(lengths, device=device), output_size=B * N)  # aligned place
+    # the token at every aligned place; gap places repeat tokens (spread, so that the backward's index_add does not
+    # pile onto one row) and are flagged off as keys and rows: none of them enters a softmax
+    src = torch.arange(total, device=device) % (B * N)
+    src[at] = tokens
+    real = torch.zeros(total, dtype=torch.bool, device=device)
+    real[at] = True
+    key_ok = real if key_padding_mask is None else real & ~key_padding_mask.flatten()[src]
+    # (1, H, total, D) views of (total, H, D) gathers: one pass over q, k, v (B > 1 in (B, H, N, D) storage: two)
+    aligned = [x.transpose(1, 2).reshape(B * N, x.shape[1], D).index_select(0, src).transpose(0, 1)[None]
                for x in (q, k, v)]
-    real = torch.zeros(total, dtype=torch.bool, device=q.device).index_put((at,), torch.ones_like(at, dtype=torch.bool))
-    key_ok = real if key_padding_mask is None else real.index_put((at,), ~key_padding_mask)
-    real, key_ok = real[None], key_ok[None]
-    out, lse = strided_attention(*aligned, spec, classes, scale, key_ok, real)
-    return out[0][:, at].transpose(0, 1), lse[0][:, at].transpose(0, 1)
+    out, lse = strided_attention(*aligned, spec, classes, scale, key_ok[None], real[None])
+    return (out[0].index_select(1, at).view(H, B, N, D).transpose(0, 1),
+            lse[0].index_select(1, at).view(H, B, N).transpose(0, 1))

@@ -3,7 +3,7 @@
 A branch with segment ``w`` splits ``0..N-1`` into ``S = N // w`` whole segments and, if ``N % w``, one shorter
 tail segment (a segment longer than N is all tail). Within a segment of length ``n``, head ``k`` of the branch
 (offset ``o_k``) sees the tokens ``u = o_k + j * r`` for ``j < ceil((n - o_k) / r)``; the gathered layout puts
-them in rows ``j = 0, 1, ...`` of batch entry ``b * S + s``. Rows past a head's count repeat a real token and are
+them in rows ``j = 0, 1, ...`` of batch entry ``b * S + s``. Rows past a head's count repeat real tokens and are
 masked out (`masks.py`): padding never enters a softmax, and it is scattered back to a scratch slot.
 A tail may be gathered into as many rows as a whole segment (``pad_tail``): then every unit of a branch has the
 same shape but its batch size, and one compiled kernel serves every N. Gathers use (H_b, L) index tensors that
@@ -45,7 +45,10 @@ def units(branch: Branch, seq_len: int, pad_tail: bool) -> list[Unit]:
 def _positions(branch: Branch, seglen: int, rows: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     j = torch.arange(rows)[None, :]
     count = torch.tensor(counts(branch, seglen))[:, None]
-    u = torch.tensor(branch.offsets)[:, None] + torch.minimum(j, (count - 1).clamp(min=0)) * branch.rate
+    # padding rows cycle through the head's real tokens (a head with none: through the segment), so that no token
+    # repeats more than rows / count times: the backward of the gather accumulates the repeats of one index
+    # serially on CUDA (a tail of 576 tokens gathered into 2048 rows cost 0.9 ms per gather, `perf/NOTES.md`)
+    u = torch.where(count > 0, torch.tensor(branch.offsets)[:, None] + j % count.clamp(min=1) * branch.rate, j % seglen)
     return u.clamp(max=seglen - 1).to(device), (j < count).to(device)
 
 

@@ -342,12 +342,17 @@ def _folded_flex(q, k, v, cls: HeadClass, local, causal: bool, scale: float, fol
 
 def _strided_attention(q, k, v, classes: tuple[HeadClass, ...], tables, table_index, causal: bool, scale: float,
                        out: torch.Tensor | None = None, valid=None):
-    """q (B, H, C, W, D), k, v (B, Hkv, C, W, D) -> (out (B, H, N, D), lse (B, H, N), *merge weights).
+    """q (B, H, N, D), k, v (B, Hkv, N, D) -> (out (B, H, C*W, D), lse (B, H, C*W), *merge weights) of the C whole
+    chunks of the largest segment W. Cut and viewed as (B, H, C, W, D) here, inside the graph: their strides are then
+    expressions of N, which Inductor proves 16-aligned (a prefix view passed in carries strides of its own; as free
+    symbols they cost flex's kernels their aligned loads: 34.3 vs 22.3 ms at 1M, `perf/NOTES.md` attempt 12).
 
     ``valid``: `_validity` of key (and row) flags, e.g. padding or packed documents: only flagged keys count.
     With ``out`` given (inference in slabs), the result is written into it. The merge weights are returned only
     so that Inductor computes them once per row: inlined into the output kernel they cost an exp per element
     (2.25 -> 1.40 ms at N = 2**20, `perf/NOTES.md`)."""
+    W = max(cls.branch.segment for cls in classes)
+    q, k, v = (x[:, :, : x.shape[2] // W * W].unflatten(2, (-1, W)) for x in (q, k, v))
     B, H, C, W, D = q.shape
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     by_pattern: dict[int, list] = {}
@@ -388,12 +393,14 @@ SLAB_ELEMENTS = 2**30
 
 def strided_attention(q, k, v, spec: DilatedSpec, classes: tuple[HeadClass, ...], scale: float,
                       key_ok: torch.Tensor | None = None, row_ok: torch.Tensor | None = None):
-    """`dilated_attention` on the strided route (the caller checked `strided_classes`): one compiled call for all
-    heads (past 2**31 elements of q: per batch entry and group of heads, `_heads_per_call`), and when no gradient
-    is needed and q has more than SLAB_ELEMENTS elements, one per slab of whole chunks, written in place.
+    """`dilated_attention` of the whole chunks of the largest segment W, the first N - N % W tokens, on the strided
+    route (the caller checked `strided_classes` on them): one compiled call for all heads (past 2**31 elements of
+    q: per batch entry and group of heads, `_heads_per_call`), and when no gradient is needed and q has more than
+    SLAB_ELEMENTS elements, one per slab of whole chunks, written in place.
     ``key_ok``, ``row_ok``: (B, N) bool token flags, see `_strided_attention`."""
     B, H, N, D = q.shape
     W, g = max(spec.segment_lengths), H // k.shape[1]
+    N -= N % W
     G = _heads_per_call(classes, B, H, k.shape[1], N, D)
     everything = (slice(None),) * 3
     groups = [(everything, classes)] if G == H else [
@@ -420,19 +427,20 @@ def strided_attention(q, k, v, spec: DilatedSpec, classes: tuple[HeadClass, ...]
 
 def _call(q, k, v, W: int, classes: tuple[HeadClass, ...], causal: bool, scale: float, out=None, key_ok=None,
           row_ok=None):
-    """One compiled `_strided_attention` on (B, H, N, D) tensors and (B, N) flags, N a multiple of W; traced in
-    place under an enclosing torch.compile."""
-    chunks = [x.unflatten(2, (x.shape[2] // W, W)) for x in (q, k, v)]
+    """One compiled `_strided_attention` on (B, H, N, D) tensors and (B, N) flags: the first N - N % W tokens;
+    traced in place under an enclosing torch.compile."""
     tables = _tables(classes, causal, q.device)
     valid = None
     if key_ok is not None:
-        flags = [None if x is None else x.unflatten(1, (x.shape[1] // W, W)) for x in (key_ok, row_ok)]
+        whole = q.shape[2] - q.shape[2] % W
+        chunks = [x[:, :, :whole].unflatten(2, (-1, W)) for x in (q, k, v)]
+        flags = [None if x is None else x[:, :whole].unflatten(1, (-1, W)) for x in (key_ok, row_ok)]
         valid = _validity(*chunks, classes, *tables, *flags)
     args = classes, *tables, causal, scale
     if torch.compiler.is_compiling():
-        return _strided_attention(*chunks, *args, None, valid)[:2]
-    for x in chunks:
-        torch._dynamo.maybe_mark_dynamic(x, 2)  # the chunk count: one kernel for every N = C * W
+        return _strided_attention(q, k, v, *args, None, valid)[:2]
+    for x in (q, k, v):
+        torch._dynamo.maybe_mark_dynamic(x, 2)  # the length: one kernel for every N
         torch._dynamo.maybe_mark_dynamic(x, 0)  # the batch size (dynamic where it folds into flex's segments)
     for x in torch.utils._pytree.tree_leaves(valid) if valid is not None else ():  # tables and flags
         torch._dynamo.maybe_mark_dynamic(x, 0)
@@ -440,7 +448,7 @@ def _call(q, k, v, W: int, classes: tuple[HeadClass, ...], causal: bool, scale: 
             torch._dynamo.maybe_mark_dynamic(x, 1)
     if out is not None:
         torch._dynamo.maybe_mark_dynamic(out, 2)
-    return compiled_call(_compiled, *chunks, *args, out=out, valid=valid)[:2]
+    return compiled_call(_compiled, q, k, v, *args, out=out, valid=valid)[:2]
 
 
 @traced_cache(maxsize=256)

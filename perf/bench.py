@@ -153,8 +153,27 @@ def check_naive_pipeline():
     print(f"naive_pipeline vs flexdilated: relative difference {((a - b).norm() / b.norm()).item():.2e}")
 
 
+def dilated_inputs(w: Workload, N: int, mode: str):
+    """q, k, v (as the workload stores them), the output gradient (None for "fwd") and the keyword arguments
+    (key_padding_mask, document_ids) of one `dilated_attention` call of the workload."""
+    def make():
+        x = torch.randn(w.B, N, w.heads, w.D, device="cuda", dtype=torch.bfloat16).transpose(1, 2) \
+            if w.layout == "bnhd" else torch.randn(w.B, w.heads, N, w.D, device="cuda", dtype=torch.bfloat16)
+        return x.requires_grad_(mode != "fwd")
+
+    q, k, v = make(), make(), make()
+    grad = torch.randn(w.B, w.heads, N, w.D, device="cuda", dtype=torch.bfloat16) if mode != "fwd" else None
+    extra = {}
+    if w.padding:
+        extra["key_padding_mask"] = torch.zeros(w.B, N, dtype=torch.bool, device="cuda")
+        extra["key_padding_mask"][:, N - int(w.padding * N) :] = True
+    if w.documents:
+        lengths = torch.tensor(document_lengths(w, N), device="cuda")
+        extra["document_ids"] = torch.repeat_interleave(torch.arange(len(lengths), device="cuda"), lengths)[None]
+    return q, k, v, grad, extra
+
+
 def run_one(impl: str, w: Workload, N: int, mode: str, reps: int):
-    shape_q = (w.B, w.heads, N, w.D)
     if impl in ("dense_core", "sdpa_core"):
         cases = dense_core_inputs(w, N)
         xs = [torch.randn(s, device="cuda", dtype=torch.bfloat16, requires_grad=mode != "fwd") for s, _ in cases]
@@ -169,20 +188,7 @@ def run_one(impl: str, w: Workload, N: int, mode: str, reps: int):
                 torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
 
     else:
-        def make():
-            x = torch.randn(w.B, N, w.heads, w.D, device="cuda", dtype=torch.bfloat16).transpose(1, 2) \
-                if w.layout == "bnhd" else torch.randn(shape_q, device="cuda", dtype=torch.bfloat16)
-            return x.requires_grad_(mode != "fwd")
-
-        q, k, v = make(), make(), make()
-        grad = torch.randn(shape_q, device="cuda", dtype=torch.bfloat16) if mode != "fwd" else None
-        extra = {}
-        if w.padding:
-            extra["key_padding_mask"] = torch.zeros(w.B, N, dtype=torch.bool, device="cuda")
-            extra["key_padding_mask"][:, N - int(w.padding * N) :] = True
-        if w.documents:
-            lengths = torch.tensor(document_lengths(w, N), device="cuda")
-            extra["document_ids"] = torch.repeat_interleave(torch.arange(len(lengths), device="cuda"), lengths)[None]
+        q, k, v, grad, extra = dilated_inputs(w, N, mode)
         call = {
             "flexdilated": lambda: dilated_attention(q, k, v, w.spec, **extra),
             "naive_pipeline": lambda: naive_pipeline(q, k, v, w.spec),

@@ -1,24 +1,73 @@
-"""Profile one `dilated_attention` forward (W1, bf16, N from argv) with torch.profiler: where the time goes.
+"""Profile `dilated_attention` on `bench.py` workloads with torch.profiler: where the time goes, GPU and host.
 
-    PYTHONPATH=$PWD python3 perf/profile_core.py 65536
+    PYTHONPATH=$PWD python3 perf/profile_core.py [--only tail,padding] [--modes fwd,fwd+bwd] [--out DIR]
+
+For each workload (its first length) and mode it prints the call's wall time (CUDA events), the summed GPU kernel
+time (the gap between them is GPU idle, usually host time the GPU waits for), the host time until the call
+returns, and the kernels and host operations that cost most. With ``--out``, a Chrome trace per case.
 """
 
-import sys
+from __future__ import annotations
+
+import argparse
+import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from flexdilated import DilatedSpec, dilated_attention
+from bench import dilated_inputs, label, workloads
+from flexdilated import dilated_attention
 
-N = int(sys.argv[1]) if len(sys.argv) > 1 else 65536
-spec = DilatedSpec((2048, 4096, 8192), (1, 2, 4))
-q, k, v = (torch.randn(1, 8, N, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-with torch.no_grad():
-    for _ in range(3):
-        dilated_attention(q, k, v, spec)
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        dilated_attention(q, k, v, spec)
-        torch.cuda.synchronize()
-print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60))
-print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=14, max_name_column_width=60))
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", default="tail,padding,documents,documents-causal")
+    parser.add_argument("--modes", default="fwd,fwd+bwd")
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--rows", type=int, default=12)
+    args = parser.parse_args()
+    summary = []
+    for w in workloads(quick=False):
+        if label(w) not in args.only.split(","):
+            continue
+        torch._dynamo.reset()
+        N = w.lengths[0]
+        for mode in args.modes.split(","):
+            q, k, v, grad, extra = dilated_inputs(w, N, mode)
+
+            def call():
+                out = dilated_attention(q, k, v, w.spec, **extra)
+                if grad is not None:
+                    out.backward(grad)
+
+            with torch.no_grad() if mode == "fwd" else torch.enable_grad():
+                for _ in range(3):
+                    call()
+                torch.cuda.synchronize()
+                start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                    start.record()
+                    t0 = time.perf_counter()
+                    call()
+                    host_ms = (time.perf_counter() - t0) * 1e3
+                    stop.record()
+                    torch.cuda.synchronize()
+            events = prof.key_averages()
+            gpu_ms = sum(e.self_device_time_total for e in events) / 1e3
+            wall_ms = start.elapsed_time(stop)
+            name = f"{label(w)} {mode}"
+            print(f"\n=== {name}: wall {wall_ms:.2f} ms, GPU kernels {gpu_ms:.2f} ms, host until return {host_ms:.2f} ms")
+            print(events.table(sort_by="self_device_time_total", row_limit=args.rows, max_name_column_width=70))
+            print(events.table(sort_by="self_cpu_time_total", row_limit=args.rows, max_name_column_width=70))
+            if args.out:
+                prof.export_chrome_trace(f"{args.out}/trace_{name.replace(' ', '_')}.json")
+            summary.append((name, wall_ms, gpu_ms, host_ms))
+            del q, k, v, grad, extra
+            torch.cuda.empty_cache()
+    print(f"\n{'case':28s} {'wall ms':>8s} {'GPU ms':>8s} {'host ms':>8s}")
+    for name, wall, gpu, host in summary:
+        print(f"{name:28s} {wall:8.2f} {gpu:8.2f} {host:8.2f}")
+
+
+if __name__ == "__main__":
+    main()
