@@ -32,8 +32,20 @@ def check_document_ids(ids: torch.Tensor, batch: int, seq_len: int, device: torc
         raise ValueError(f"document_ids must have shape (B, N) = {(batch, seq_len)}, got {tuple(ids.shape)}")
     if ids.device != device:
         raise ValueError(f"document_ids.device must equal q.device ({device}), got {ids.device}")
-    if not torch.compiler.is_compiling() and bool((ids[:, 1:] < ids[:, :-1]).any()):
+    # that they are non-decreasing is checked where the routes read them on the host (`document_starts`)
+
+
+def document_starts(ids: torch.Tensor) -> list[int]:
+    """Where each document starts, rows one after the other (row b at b * N): one host synchronisation, which also
+    checks that the ids are non-decreasing along N."""
+    B, N = ids.shape
+    first = torch.ones(B, N, dtype=torch.bool, device=ids.device)
+    first[:, 1:] = ids[:, 1:] != ids[:, :-1]
+    decreasing = (ids[:, 1:] < ids[:, :-1]).any()
+    starts = torch.cat((first.flatten(), decreasing.view(1))).nonzero().flatten().tolist()
+    if starts[-1] == B * N:  # the flag after the tokens
         raise ValueError("document_ids must be non-decreasing along N (each document one contiguous run of tokens)")
+    return starts
 
 
 def positions_in_document(ids: torch.Tensor) -> torch.Tensor:
@@ -48,13 +60,10 @@ def positions_in_document(ids: torch.Tensor) -> torch.Tensor:
 
 def documents(ids: torch.Tensor) -> list[list[tuple[int, int]]]:
     """Per row, the (start, end) of each document (one host synchronisation)."""
-    N = ids.shape[1]
-    rows = []
-    for row in (ids[:, 1:] != ids[:, :-1]).cpu():
-        cuts = (torch.nonzero(row).flatten() + 1).tolist()
-        bounds = [0, *cuts, N]
-        rows.append(list(zip(bounds[:-1], bounds[1:])))
-    return rows
+    B, N = ids.shape
+    starts = document_starts(ids)
+    ends = starts[1:] + [B * N]
+    return [[(s - b * N, e - b * N) for s, e in zip(starts, ends) if b * N <= s < (b + 1) * N] for b in range(B)]
 
 
 def document_attention(q, k, v, ids: torch.Tensor, key_padding_mask, attend: Callable):
@@ -75,9 +84,7 @@ def packed_attention(q, k, v, ids: torch.Tensor, spec: DilatedSpec, scale: float
     length that does not divide the largest, heads that are no strided view, or documents so short that aligning
     them to W would more than double the tokens). One host synchronisation (where the documents start)."""
     B, H, N, D = q.shape
-    first = torch.ones(B, N, dtype=torch.bool, device=ids.device)
-    first[:, 1:] = ids[:, 1:] != ids[:, :-1]
-    starts = first.flatten().nonzero().flatten().tolist()  # rows one after the other
+    starts = document_starts(ids)
     lengths = [b - a for a, b in zip(starts, starts[1:] + [B * N])]
     spec = fit_to_length(spec, max(lengths))
     W = max(spec.segment_lengths)

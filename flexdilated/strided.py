@@ -13,8 +13,9 @@ tables of one segment (`masks._block_tables`) serve every segment and every N.
 
 One compiled function runs every class's flex call, puts the class outputs and LSEs back in natural order
 (`_place_all`: rows padded to ceil(w / r), concatenated, interleaved, cut to w: Inductor turns it into masked
-loads) and merges the patterns by LSE (`merge.py`) in one fused kernel. Its input is q, k, v viewed as (B, H, C, W, D) with C chunks of the largest segment W: the chunk
-count is the one dynamic size, so one compilation serves every N that is a multiple of W.
+loads) and merges the patterns by LSE (`merge.py`) in one fused kernel. It takes q, k, v (B, H, N, D) and cuts the
+C whole chunks of the largest segment W itself: N (and B where it folds into flex's segments) is the dynamic size,
+so one compilation serves every N.
 """
 
 from __future__ import annotations
@@ -340,18 +341,18 @@ def _folded_flex(q, k, v, cls: HeadClass, local, causal: bool, scale: float, fol
     return _unfold(out, B, fold), _unfold(aux.lse, B, fold)
 
 
-def _strided_attention(q, k, v, classes: tuple[HeadClass, ...], tables, table_index, causal: bool, scale: float,
-                       out: torch.Tensor | None = None, valid=None):
+def _strided_attention(q, k, v, W: int, classes: tuple[HeadClass, ...], tables, table_index, causal: bool,
+                       scale: float, out: torch.Tensor | None = None, valid=None):
     """q (B, H, N, D), k, v (B, Hkv, N, D) -> (out (B, H, C*W, D), lse (B, H, C*W), *merge weights) of the C whole
-    chunks of the largest segment W. Cut and viewed as (B, H, C, W, D) here, inside the graph: their strides are then
-    expressions of N, which Inductor proves 16-aligned (a prefix view passed in carries strides of its own; as free
-    symbols they cost flex's kernels their aligned loads: 34.3 vs 22.3 ms at 1M, `perf/NOTES.md` attempt 12).
+    chunks of the largest segment W (the spec's: with grouped heads a pattern may have no class). They are cut and
+    viewed as (B, H, C, W, D) here, inside the graph, so that their strides are expressions of N, which Inductor
+    proves 16-aligned (a prefix view passed in carries strides of its own; as free symbols they cost flex's kernels
+    their aligned loads: 34.3 vs 22.3 ms at 1M, `perf/NOTES.md` attempt 12).
 
     ``valid``: `_validity` of key (and row) flags, e.g. padding or packed documents: only flagged keys count.
     With ``out`` given (inference in slabs), the result is written into it. The merge weights are returned only
     so that Inductor computes them once per row: inlined into the output kernel they cost an exp per element
     (2.25 -> 1.40 ms at N = 2**20, `perf/NOTES.md`)."""
-    W = max(cls.branch.segment for cls in classes)
     q, k, v = (x[:, :, : x.shape[2] // W * W].unflatten(2, (-1, W)) for x in (q, k, v))
     B, H, C, W, D = q.shape
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -438,7 +439,7 @@ def _call(q, k, v, W: int, classes: tuple[HeadClass, ...], causal: bool, scale: 
         valid = _validity(*chunks, classes, *tables, *flags)
     args = classes, *tables, causal, scale
     if torch.compiler.is_compiling():
-        return _strided_attention(q, k, v, *args, None, valid)[:2]
+        return _strided_attention(q, k, v, W, *args, None, valid)[:2]
     for x in (q, k, v):
         torch._dynamo.maybe_mark_dynamic(x, 2)  # the length: one kernel for every N
         torch._dynamo.maybe_mark_dynamic(x, 0)  # the batch size (dynamic where it folds into flex's segments)
@@ -448,7 +449,7 @@ def _call(q, k, v, W: int, classes: tuple[HeadClass, ...], causal: bool, scale: 
             torch._dynamo.maybe_mark_dynamic(x, 1)
     if out is not None:
         torch._dynamo.maybe_mark_dynamic(out, 2)
-    return compiled_call(_compiled, q, k, v, *args, out=out, valid=valid)[:2]
+    return compiled_call(_compiled, q, k, v, W, *args, out=out, valid=valid)[:2]
 
 
 @traced_cache(maxsize=256)

@@ -77,7 +77,8 @@ def run_strided(q, k, v, spec, slab_out=False, scale=0.5):
     classes = strided_classes(q, k, spec)
     assert classes is not None
     out = torch.full_like(q, float("nan")) if slab_out else None
-    result = _strided_attention(q, k, v, classes, *_tables(classes, spec.causal, q.device), spec.causal, scale, out=out)
+    tables = _tables(classes, spec.causal, q.device)
+    result = _strided_attention(q, k, v, max(spec.segment_lengths), classes, *tables, spec.causal, scale, out=out)
     assert not slab_out or result[0] is out
     return result[:2]
 
