@@ -11,7 +11,7 @@ import torch
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from flexdilated import DilatedSpec, reference_dilated_attention
+from flexdilated import DilatedSpec, dilated_attention, reference_dilated_attention
 import flexdilated.strided as strided
 from flexdilated.strided import _strided_attention, _tables, head_classes, strided_classes
 
@@ -230,14 +230,26 @@ def inputs(B, H, Hkv, N, D, seed, layout):
     return make(H), make(Hkv), make(Hkv)
 
 
+def test_grouped_heads_with_a_pattern_that_has_no_head():
+    """Two heads, three patterns (heads="grouped"): the largest pattern gets no head, so no class, yet the chunks are
+    those of the spec's largest segment (the graph cut them at the largest class segment once, found by hypothesis
+    on the packed route)."""
+    spec = DilatedSpec((16, 24, 96), (1, 1, 1), heads="grouped")
+    q, k, v = inputs(1, 2, 1, 2 * 96 + 40, 16, 0, "bhnd")
+    assert {c.branch.segment for c in strided_classes(q[:, :, :192], k[:, :, :192], spec)} == {16, 24}
+    with cuda_dispatch_eagerly():
+        out, lse = dilated_attention(q, k, v, spec, scale=0.5, return_lse=True)
+    ref, ref_lse = reference_dilated_attention(q, k, v, spec, scale=0.5, return_lse=True)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(lse, ref_lse, rtol=1e-10, atol=1e-10)
+
+
 @given(strided_problems(), st.integers(1, 10**6), st.sampled_from(["bhnd", "bnhd"]), st.booleans())
 def test_any_length_layout_and_padding_on_the_strided_route(problem, tail, layout, padded):
     """`dilated_attention`'s CUDA dispatch (run eagerly here): N = C * W + t takes the strided route on the C whole
     chunks and the gather route on the last t tokens, in either memory layout (the batch folded into flex's heads
     or segments), with key padding (padded key blocks skipped); together they equal the reference."""
     import flexdilated.attention as attention
-
-    from flexdilated import dilated_attention
 
     spec, B, H, Hkv, N, _, seed = problem
     W = max(spec.segment_lengths)
