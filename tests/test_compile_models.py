@@ -1,6 +1,6 @@
 """The models inside a user's ``torch.compile(model, fullgraph=True)`` on CPU ("aot_eager", which traces the
 backward too): forward and backward with no graph break (fullgraph raises on one), equal to eager, no
-recompilation across training steps (LongNetLM's is in test_models.py); how many compiles new lengths cost."""
+recompilation across training steps (LongNetLM's is in test_models.py); how many compiles new lengths cost; the strided route past Dynamo's recompile limit."""
 
 import pytest
 import torch
@@ -102,3 +102,37 @@ def test_strided_route_compiles_across_batch_and_length(layout, graphs):
             q, k, v = (torch.randn(shape).transpose(1, 2) if layout == "bnhd" else torch.randn(shape) for _ in range(3))
             dilated_attention(q, k, v, spec)
     assert counters["stats"]["unique_graphs"] == graphs
+
+
+def test_strided_route_past_the_recompile_limit_stays_exact(monkeypatch):
+    """More distinct configurations than Dynamo keeps compiled versions (limit lowered to 1 here, 8 by default;
+    Dynamo only, CUDA's dispatch run on CPU): the route drops its versions and compiles afresh — no
+    FailOnRecompileLimitHit reaches the caller, every result equals the reference, and the drop did happen."""
+    from unittest import mock
+
+    import flexdilated.attention as attention
+    import flexdilated.kernels as kernels
+    import flexdilated.strided as strided
+    from torch.nn.attention.flex_attention import AuxRequest, flex_attention
+
+    from flexdilated import DilatedSpec, dilated_attention, reference_dilated_attention
+
+    def eager_flex(q, k, v, block_mask, scale):
+        out, aux = flex_attention(q, k, v, block_mask=block_mask, scale=scale, return_aux=AuxRequest(lse=True))
+        return out, aux.lse
+
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    torch._dynamo.reset()
+    drop = torch._dynamo.eval_frame.remove_from_cache
+    compiled = torch.compile(strided._strided_attention, fullgraph=True, backend="eager")
+    specs = [DilatedSpec((128, 256), (1, 2), causal=True), DilatedSpec((128, 256), (1, 2), overlap="set"),
+             DilatedSpec((64, 256), (2, 4))]
+    g = torch.Generator().manual_seed(0)
+    with mock.patch.object(attention, "_use_flex", lambda x: True), mock.patch.object(kernels, "_flex", eager_flex), \
+            mock.patch.object(strided, "_compiled", compiled), torch.no_grad(), \
+            mock.patch.object(torch._dynamo.eval_frame, "remove_from_cache", wraps=drop) as dropped:
+        for spec in specs + specs[:1]:
+            q, k, v = (torch.randn(1, 4, 512, 16, generator=g, dtype=torch.float64) for _ in range(3))
+            out = dilated_attention(q, k, v, spec)
+            torch.testing.assert_close(out, reference_dilated_attention(q, k, v, spec), rtol=1e-10, atol=1e-10)
+    assert dropped.call_count >= 2  # every new spec past the first hit the limit
