@@ -1,6 +1,7 @@
 """The models inside a user's ``torch.compile(model, fullgraph=True)`` on CPU ("aot_eager", which traces the
 backward too): forward and backward with no graph break (fullgraph raises on one), equal to eager, no
-recompilation across training steps (LongNetLM's is in test_models.py); how many compiles new lengths cost; the strided route past Dynamo's recompile limit."""
+recompilation across training steps (LongNetLM's is in test_models.py); how many compiles new lengths cost; the
+strided route past Dynamo's recompile limit."""
 
 import pytest
 import torch
