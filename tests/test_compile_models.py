@@ -105,7 +105,7 @@ def test_strided_route_compiles_across_batch_and_length(layout, graphs):
     assert counters["stats"]["unique_graphs"] == graphs
 
 
-def test_strided_route_past_the_recompile_limit_stays_exact(monkeypatch):
+def test_strided_route_past_the_recompile_limit_stays_exact():
     """More distinct configurations than Dynamo keeps compiled versions (limit lowered to 1 here, 8 by default;
     Dynamo only, CUDA's dispatch run on CPU): the route drops its versions and compiles afresh — no
     FailOnRecompileLimitHit reaches the caller, every result equals the reference, and the drop did happen."""
@@ -122,7 +122,6 @@ def test_strided_route_past_the_recompile_limit_stays_exact(monkeypatch):
         out, aux = flex_attention(q, k, v, block_mask=block_mask, scale=scale, return_aux=AuxRequest(lse=True))
         return out, aux.lse
 
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
     torch._dynamo.reset()
     drop = torch._dynamo.eval_frame.remove_from_cache
     compiled = torch.compile(strided._strided_attention, fullgraph=True, backend="eager")
@@ -131,7 +130,8 @@ def test_strided_route_past_the_recompile_limit_stays_exact(monkeypatch):
     g = torch.Generator().manual_seed(0)
     with mock.patch.object(attention, "_use_flex", lambda x: True), mock.patch.object(kernels, "_flex", eager_flex), \
             mock.patch.object(strided, "_compiled", compiled), torch.no_grad(), \
-            mock.patch.object(torch._dynamo.eval_frame, "remove_from_cache", wraps=drop) as dropped:
+            mock.patch.object(torch._dynamo.eval_frame, "remove_from_cache", wraps=drop) as dropped, \
+            torch._dynamo.config.patch(recompile_limit=1):  # (pytest's monkeypatch would delete the entry on undo)
         for spec in specs + specs[:1]:
             q, k, v = (torch.randn(1, 4, 512, 16, generator=g, dtype=torch.float64) for _ in range(3))
             out = dilated_attention(q, k, v, spec)

@@ -301,10 +301,10 @@ def test_compiles_once_per_kind_of_change_across_batch_length_and_grad():
     assert graphs_after(7, 40960, False) == after_grad
 
 
-def test_past_the_recompile_limit_results_stay_exact(monkeypatch):
+@torch._dynamo.config.patch(recompile_limit=2)  # (pytest's monkeypatch would delete the config entry on undo)
+def test_past_the_recompile_limit_results_stay_exact():
     """More distinct configurations than Dynamo keeps compiled versions (limit lowered to 2 here, 8 by default):
     no FailOnRecompileLimitHit reaches the caller, and every result still equals the reference."""
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)
     specs = [
         DilatedSpec((512, 1024), (1, 2), causal=causal, overlap=overlap)
         for causal in (False, True) for overlap in ("multiset", "set")
