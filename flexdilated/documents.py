@@ -32,12 +32,12 @@ def check_document_ids(ids: torch.Tensor, batch: int, seq_len: int, device: torc
         raise ValueError(f"document_ids must have shape (B, N) = {(batch, seq_len)}, got {tuple(ids.shape)}")
     if ids.device != device:
         raise ValueError(f"document_ids.device must equal q.device ({device}), got {ids.device}")
-    # that they are non-decreasing is checked where the routes read them on the host (`document_starts`)
+    # that they are non-decreasing is checked where the routes read them on the host (`document_spans`)
 
 
-def document_starts(ids: torch.Tensor) -> list[int]:
-    """Where each document starts, rows one after the other (row b at b * N): one host synchronisation, which also
-    checks that the ids are non-decreasing along N."""
+def document_spans(ids: torch.Tensor) -> list[tuple[int, int]]:
+    """The (start, end) of every document, rows one after the other (row b at b * N): one host synchronisation,
+    which also checks that the ids are non-decreasing along N."""
     B, N = ids.shape
     first = torch.ones(B, N, dtype=torch.bool, device=ids.device)
     first[:, 1:] = ids[:, 1:] != ids[:, :-1]
@@ -45,7 +45,7 @@ def document_starts(ids: torch.Tensor) -> list[int]:
     starts = torch.cat((first.flatten(), decreasing.view(1))).nonzero().flatten().tolist()
     if starts[-1] == B * N:  # the flag after the tokens
         raise ValueError("document_ids must be non-decreasing along N (each document one contiguous run of tokens)")
-    return starts
+    return list(zip(starts, starts[1:] + [B * N]))
 
 
 def positions_in_document(ids: torch.Tensor) -> torch.Tensor:
@@ -61,9 +61,8 @@ def positions_in_document(ids: torch.Tensor) -> torch.Tensor:
 def documents(ids: torch.Tensor) -> list[list[tuple[int, int]]]:
     """Per row, the (start, end) of each document (one host synchronisation)."""
     B, N = ids.shape
-    starts = document_starts(ids)
-    ends = starts[1:] + [B * N]
-    return [[(s - b * N, e - b * N) for s, e in zip(starts, ends) if b * N <= s < (b + 1) * N] for b in range(B)]
+    spans = document_spans(ids)
+    return [[(s - b * N, e - b * N) for s, e in spans if b * N <= s < (b + 1) * N] for b in range(B)]
 
 
 def document_attention(q, k, v, ids: torch.Tensor, key_padding_mask, attend: Callable):
@@ -84,8 +83,8 @@ def packed_attention(q, k, v, ids: torch.Tensor, spec: DilatedSpec, scale: float
     length that does not divide the largest, heads that are no strided view, or documents so short that aligning
     them to W would more than double the tokens). One host synchronisation (where the documents start)."""
     B, H, N, D = q.shape
-    starts = document_starts(ids)
-    lengths = [b - a for a, b in zip(starts, starts[1:] + [B * N])]
+    spans = document_spans(ids)
+    lengths = [e - s for s, e in spans]
     spec = fit_to_length(spec, max(lengths))
     W = max(spec.segment_lengths)
     sizes = [-(-n // W) * W for n in lengths]  # each document padded to whole chunks
@@ -96,7 +95,7 @@ def packed_attention(q, k, v, ids: torch.Tensor, spec: DilatedSpec, scale: float
     if classes is None:
         return None
     device = q.device
-    shift = torch.tensor([a - s for a, s in zip(accumulate([0, *sizes[:-1]]), starts)], device=device)
+    shift = torch.tensor([a - s for a, (s, _) in zip(accumulate([0, *sizes[:-1]]), spans)], device=device)
     tokens = torch.arange(B * N, device=device)
     at = tokens + shift.repeat_interleave(torch.tensor(lengths, device=device), output_size=B * N)  # aligned place
     # the token at every aligned place; gap places repeat tokens (spread, so that the backward's index_add does not

@@ -341,6 +341,11 @@ def _folded_flex(q, k, v, cls: HeadClass, local, causal: bool, scale: float, fol
     return _unfold(out, B, fold), _unfold(aux.lse, B, fold)
 
 
+def _chunks(x: torch.Tensor, W: int, dim: int) -> torch.Tensor:
+    """The whole chunks of W along ``dim`` of x, viewed as (..., N // W, W, ...): the last N % W tokens left out."""
+    return x.narrow(dim, 0, x.shape[dim] // W * W).unflatten(dim, (-1, W))
+
+
 def _strided_attention(q, k, v, W: int, classes: tuple[HeadClass, ...], tables, table_index, causal: bool,
                        scale: float, out: torch.Tensor | None = None, valid=None):
     """q (B, H, N, D), k, v (B, Hkv, N, D) -> (out (B, H, C*W, D), lse (B, H, C*W), *merge weights) of the C whole
@@ -353,7 +358,7 @@ def _strided_attention(q, k, v, W: int, classes: tuple[HeadClass, ...], tables, 
     With ``out`` given (inference in slabs), the result is written into it. The merge weights are returned only
     so that Inductor computes them once per row: inlined into the output kernel they cost an exp per element
     (2.25 -> 1.40 ms at N = 2**20, `perf/NOTES.md`)."""
-    q, k, v = (x[:, :, : x.shape[2] // W * W].unflatten(2, (-1, W)) for x in (q, k, v))
+    q, k, v = (_chunks(x, W, 2) for x in (q, k, v))
     B, H, C, W, D = q.shape
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     by_pattern: dict[int, list] = {}
@@ -433,10 +438,8 @@ def _call(q, k, v, W: int, classes: tuple[HeadClass, ...], causal: bool, scale: 
     tables = _tables(classes, causal, q.device)
     valid = None
     if key_ok is not None:
-        whole = q.shape[2] - q.shape[2] % W
-        chunks = [x[:, :, :whole].unflatten(2, (-1, W)) for x in (q, k, v)]
-        flags = [None if x is None else x[:, :whole].unflatten(1, (-1, W)) for x in (key_ok, row_ok)]
-        valid = _validity(*chunks, classes, *tables, *flags)
+        flags = [None if x is None else _chunks(x, W, 1) for x in (key_ok, row_ok)]
+        valid = _validity(*(_chunks(x, W, 2) for x in (q, k, v)), classes, *tables, *flags)
     args = classes, *tables, causal, scale
     if torch.compiler.is_compiling():
         return _strided_attention(q, k, v, W, *args, None, valid)[:2]
