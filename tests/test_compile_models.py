@@ -3,12 +3,17 @@ backward too): forward and backward with no graph break (fullgraph raises on one
 recompilation across training steps (LongNetLM's is in test_models.py); how many compiles new lengths cost; the
 strided route past Dynamo's recompile limit."""
 
+from contextlib import contextmanager
+from unittest import mock
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch._dynamo.testing import CompileCounterWithBackend
 
-from flexdilated import LongNet, LongNetEncoder, LongNetLM
+import flexdilated.strided as strided
+from flexdilated import DilatedSpec, LongNet, LongNetEncoder, LongNetLM, dilated_attention, reference_dilated_attention
+from test_strided import cuda_dispatch_eagerly
 
 W = 16  # the largest segment
 
@@ -73,31 +78,25 @@ def test_compiles_once_per_sequence_length():
     assert train_compiled("LongNetLM", (2, 3, 4, 6)) == [1, 2, 2, 2]
 
 
+@contextmanager
+def strided_graph_on_cpu():
+    """CUDA's dispatch run on CPU (`test_strided.cuda_dispatch_eagerly`), the strided route's graph traced by Dynamo
+    only (the "eager" backend): what is counted is Dynamo's graphs and recompiles."""
+    compiled = torch.compile(strided._strided_attention, fullgraph=True, backend="eager")
+    with cuda_dispatch_eagerly(), mock.patch.object(strided, "_compiled", compiled), torch.no_grad():
+        yield
+
+
 @pytest.mark.parametrize("layout, graphs", [("bnhd", 1), ("bhnd", 4)])
 def test_strided_route_compiles_across_batch_and_length(layout, graphs):
-    """The strided route's compiled graph (Dynamo only, "eager" backend; CUDA's dispatch run on CPU): (B, N, H, D)
-    views fold the batch into flex's batch of segments, so one graph serves every batch size > 1 and every N. In
-    (B, H, N, D) storage the batch folds into flex's heads, which flex keeps static: one graph per batch size."""
-    from unittest import mock
-
-    import flexdilated.attention as attention
-    import flexdilated.kernels as kernels
-    import flexdilated.strided as strided
-    from torch.nn.attention.flex_attention import AuxRequest, flex_attention
-
-    from flexdilated import DilatedSpec, dilated_attention
-
-    def eager_flex(q, k, v, block_mask, scale):
-        out, aux = flex_attention(q, k, v, block_mask=block_mask, scale=scale, return_aux=AuxRequest(lse=True))
-        return out, aux.lse
-
+    """The strided route's compiled graph: (B, N, H, D) views fold the batch into flex's batch of segments, so one
+    graph serves every batch size > 1 and every N. In (B, H, N, D) storage the batch folds into flex's heads, which
+    flex keeps static: one graph per batch size."""
     spec = DilatedSpec((128, 256, 512), (1, 2, 4), causal=True)
     torch._dynamo.reset()
     counters = torch._dynamo.utils.counters
     counters.clear()
-    compiled = torch.compile(strided._strided_attention, fullgraph=True, backend="eager")
-    with mock.patch.object(attention, "_use_flex", lambda x: True), mock.patch.object(kernels, "_flex", eager_flex), \
-            mock.patch.object(strided, "_compiled", compiled), torch.no_grad():
+    with strided_graph_on_cpu():
         for B, chunks in ((2, 2), (2, 2), (3, 2), (3, 4), (5, 3), (4, 3)):
             shape = (B, 512 * chunks, 8, 16) if layout == "bnhd" else (B, 8, 512 * chunks, 16)
             q, k, v = (torch.randn(shape).transpose(1, 2) if layout == "bnhd" else torch.randn(shape) for _ in range(3))
@@ -106,30 +105,15 @@ def test_strided_route_compiles_across_batch_and_length(layout, graphs):
 
 
 def test_strided_route_past_the_recompile_limit_stays_exact():
-    """More distinct configurations than Dynamo keeps compiled versions (limit lowered to 1 here, 8 by default;
-    Dynamo only, CUDA's dispatch run on CPU): the route drops its versions and compiles afresh — no
-    FailOnRecompileLimitHit reaches the caller, every result equals the reference, and the drop did happen."""
-    from unittest import mock
-
-    import flexdilated.attention as attention
-    import flexdilated.kernels as kernels
-    import flexdilated.strided as strided
-    from torch.nn.attention.flex_attention import AuxRequest, flex_attention
-
-    from flexdilated import DilatedSpec, dilated_attention, reference_dilated_attention
-
-    def eager_flex(q, k, v, block_mask, scale):
-        out, aux = flex_attention(q, k, v, block_mask=block_mask, scale=scale, return_aux=AuxRequest(lse=True))
-        return out, aux.lse
-
+    """More distinct configurations than Dynamo keeps compiled versions (limit lowered to 1 here, 8 by default):
+    the route drops its versions and compiles afresh — no FailOnRecompileLimitHit reaches the caller, every result
+    equals the reference, and the drop did happen."""
     torch._dynamo.reset()
     drop = torch._dynamo.eval_frame.remove_from_cache
-    compiled = torch.compile(strided._strided_attention, fullgraph=True, backend="eager")
     specs = [DilatedSpec((128, 256), (1, 2), causal=True), DilatedSpec((128, 256), (1, 2), overlap="set"),
              DilatedSpec((64, 256), (2, 4))]
     g = torch.Generator().manual_seed(0)
-    with mock.patch.object(attention, "_use_flex", lambda x: True), mock.patch.object(kernels, "_flex", eager_flex), \
-            mock.patch.object(strided, "_compiled", compiled), torch.no_grad(), \
+    with strided_graph_on_cpu(), \
             mock.patch.object(torch._dynamo.eval_frame, "remove_from_cache", wraps=drop) as dropped, \
             torch._dynamo.config.patch(recompile_limit=1):  # (pytest's monkeypatch would delete the entry on undo)
         for spec in specs + specs[:1]:
