@@ -135,7 +135,7 @@ def _table_branch(cls: HeadClass) -> Branch:
 def _local_tables(branch: Branch, causal: bool, device: torch.device) -> tuple[torch.Tensor, ...]:
     """Block tables of one segment (kv and q directions, partial and full): (1, heads, L/128[, L/128]) each, with
     L = ceil((w - o) / r) the rows of the branch's (one) offset; then the blocks the pattern reaches and those it
-    fills, as dense bool (1, heads, L/128, L/128) matrices (for `_valid_tables`)."""
+    fills, as dense bool (1, heads, L/128, L/128) matrices (for `_validity`)."""
     L = counts(branch, branch.segment)[0]
     tables = _block_tables(branch, branch.segment, L, causal, device, BLOCK_SIZE)
     mask = BlockMask.from_kv_blocks(*tables, BLOCK_SIZE=BLOCK_SIZE, seq_lengths=(L, L))
@@ -243,79 +243,124 @@ def _segment_mask_mod(cls: HeadClass, causal: bool, device: torch.device):
 
 
 @traced_cache(maxsize=256)
-def _class_positions(classes: tuple[HeadClass, ...], W: int, device: torch.device):
-    """Where every class's rows lie in a chunk of W, segment by segment: (sum_c W / w_c, P) positions, W (a False
-    sentinel) past a class's L rows up to P (the most rows of any class, in whole blocks); and where each class's
-    segments start among the first dimension. One gather then reads the flags of every class."""
+def _class_rows(classes: tuple[HeadClass, ...], causal: bool, W: int, device: torch.device):
+    """Every segment of every class in a chunk of W, R in all, as rows of one table: their positions (R, P), W (a
+    False sentinel) past a class's L rows up to P (the most rows of any class, in whole blocks); row i at
+    ``start + i * rate`` for i < ``length`` as (R,) tensors; the blocks the class's pattern reaches and those it
+    fills (R, h, P/128, P/128), False past its blocks and heads (h: the most table heads of a class); and where
+    each class's segments start among the R, and its table heads. One gather (or one division), one `_first_true`
+    serve every class."""
+    local, table_index = _tables(classes, causal, device)
     P = max(-(-counts(c.branch, c.branch.segment)[0] // BLOCK_SIZE) * BLOCK_SIZE for c in classes)
+    nb, h = P // BLOCK_SIZE, max(t[8].shape[1] for t in local)
     j = torch.arange(P, device=device)
-    rows, first = [], []
-    for c in classes:
+    rows, first, line, matrices = [], [], [], []
+    for c, index in zip(classes, table_index):
         w, r = c.branch.segment, c.branch.rate
         L = counts(c.branch, w)[0]
+        reach, full = (F.pad(x[0], (0, nb - x.shape[-1], 0, nb - x.shape[-2], 0, 0)) for x in local[index][8:])
+        reach, full = (F.pad(x, (0, 0, 0, 0, 0, h - x.shape[0])) if x.shape[0] > 1 else x.expand(h, nb, nb)
+                       for x in (reach, full))
         first.append(len(rows))
         rows += [torch.where(j < L, s * w + c.offset + j * r, W) for s in range(W // w)]
-    return torch.stack(rows), tuple(first)
+        line += [(s * w + c.offset, r, L) for s in range(W // w)]
+        matrices += [torch.stack((reach, full))] * (W // w)
+    start, rate, length = torch.tensor(line, device=device).unbind(1)
+    heads = tuple(local[index][8].shape[1] for index in table_index)
+    return torch.stack(rows), (start, rate, length), torch.stack(matrices, 1), tuple(first), heads
 
 
-def _valid_tables(local, cls: HeadClass, keys, count, rows, fold: str, batch: int):
-    """The class's flex tables (both directions) where only some keys count, from its key flags ``keys`` (B, S, Lp),
-    their count per block ``count`` (B, S, nk) and optionally which query blocks hold a row that counts ``rows``
-    (B, S, nq): kv blocks with no valid key are skipped, blocks with some are partial (the mask_mod reads the flags),
-    full ones stay full. Returns the 8 tables and the key flags as the class's mask_mod indexes them."""
-    nq, nk = local[1].shape[-2:]
-    some, every = (count > 0)[:, :, None, None, :], (count == BLOCK_SIZE)[:, :, None, None, :]  # (B, S, 1, 1, nk)
-    reach, full = local[8:]  # (1, h_t, nq, nk)
+def _bounds(flags: torch.Tensor) -> torch.Tensor:
+    """(..., W) bool -> (..., 2) int32 ``[first, last + 1)`` of the True entries, (0, 0) where there is none: the
+    interval that holds them (all of it True exactly when ``flags.sum(-1) == last + 1 - first``)."""
+    j = torch.arange(flags.shape[-1], device=flags.device, dtype=torch.int32)
+    last = torch.where(flags, j + 1, 0).amax(-1)
+    first = torch.minimum(torch.where(flags, j, flags.shape[-1]).amin(-1), last)
+    return torch.stack((first, last), -1)
+
+
+def _row_bounds(bounds: torch.Tensor, line) -> torch.Tensor:
+    """Token bounds [a, e) per chunk (B, C, 2) -> the rows of every class segment they hold (B, C, R, 2): row i at
+    token ``start + i * rate`` is inside when ``ceil((a - start) / rate) <= i < ceil((e - start) / rate)``, cut to
+    [0, length]."""
+    start, rate, length = (x[:, None] for x in line)
+    x = bounds[:, :, None, :] - start
+    return torch.div(-x, rate, rounding_mode="floor").neg().clamp(min=0).minimum(length).int()
+
+
+def _block_overlap(bounds: torch.Tensor, blocks: int) -> torch.Tensor:
+    """Rows ``[lo, hi)`` (..., 2) -> how many of them each block of BLOCK_SIZE rows holds (..., blocks)."""
+    edge = torch.arange(blocks, device=bounds.device) * BLOCK_SIZE
+    lo, hi = bounds[..., :1], bounds[..., 1:]
+    return (torch.minimum(hi, edge + BLOCK_SIZE) - torch.maximum(lo, edge)).clamp(min=0)
+
+
+def _validity(q, k, v, classes: tuple[HeadClass, ...], causal: bool, keys: torch.Tensor, rows: torch.Tensor | None):
+    """Per class, per flex call of the class (one, or one per batch entry when the batch does not fold), its flex
+    tables (8, both directions) and the keys its mask_mod reads, for q, k, v (B, H, C, W, D) where only some keys
+    count: given per chunk as flags (B, C, W) or, when they are one interval in every chunk, as its bounds
+    (B, C, 2) (`_bounds`). kv blocks with no key that counts are skipped, blocks with some are partial (the
+    mask_mod reads the keys: flags (S, Lp) or row bounds (S, 2) per flex entry), full ones stay full; given
+    ``rows`` (B, C, 2), bounds of the rows that count, query blocks without one are skipped too (their rows give 0
+    and -inf, or are never read).
+
+    Flex's kernels run 1.6 x (causal 4.6 x) slower with a mask_mod that reads one flag per key, and as fast as
+    without when it compares j with two bounds (`perf/probe_validity.py`, NOTES attempt 13). Built eagerly before
+    the compiled call (inside the graph, Inductor's kernels for them made illegal memory accesses on the H200,
+    torch 2.11), all classes at once: host time here is time the GPU waits."""
+    B, W = q.shape[0], q.shape[3]
+    positions, line, (reach, full), first, heads = _class_rows(classes, causal, W, q.device)
+    nb = positions.shape[1] // BLOCK_SIZE
+    if keys.dtype == torch.bool:  # flags: gathered per class row, the sentinel W reading False
+        keys = F.pad(keys, (0, 1), value=False)[:, :, positions]  # (B, C, R, P)
+        count = keys.unflatten(-1, (-1, BLOCK_SIZE)).sum(-1)
+    else:
+        keys = _row_bounds(keys, line)  # (B, C, R, 2)
+        count = _block_overlap(keys, nb)
+    some = (count > 0)[..., None, None, :]  # (B, C, R, 1, 1, nb)
     if rows is not None:
-        some = some & rows[:, :, None, :, None]
-    full = full & every & some
-    partial = reach & some & ~full  # (B, S, h_t, nq, nk)
-    n, S = len(cls.branch.heads), keys.shape[1]
-    if fold == "heads":  # flex (S, B * n): one table per (segment, entry, head)
-        full, partial = (x.transpose(0, 1).expand(S, batch, n if batch > 1 else x.shape[2], nq, nk).flatten(1, 2)
-                         for x in (full, partial))
-    else:  # flex (B * S, n)
-        full, partial = (x.flatten(0, 1) for x in (full, partial))
-        keys = keys.flatten(0, 1)
-    num, index = _first_true(torch.stack((partial, full, partial.transpose(-1, -2), full.transpose(-1, -2))))
-    return tuple(t for pair in zip(num.unbind(0), index.unbind(0)) for t in pair), keys
-
-
-def _validity(q, k, v, classes, tables, table_index, key_ok, row_ok):
-    """Per class, per flex call of the class (one, or one per batch entry when the batch does not fold), the
-    `_valid_tables` of q, k, v (B, H, C, W, D) and flags (B, C, W): keys without ``key_ok`` are masked and their
-    blocks skipped; given ``row_ok``, query blocks with no such row are skipped too (their rows give 0 and -inf).
-
-    Built eagerly before the compiled call (built inside the graph, Inductor's kernels for them made illegal memory
-    accesses on the H200, torch 2.11), in few operations: host time here is time the GPU waits."""
-    W = key_ok.shape[2]
-    positions, first = _class_positions(classes, W, key_ok.device)
-    flags = [None if x is None else F.pad(x, (0, 1), value=False)[:, :, positions] for x in (key_ok, row_ok)]
-    count = flags[0].unflatten(-1, (-1, BLOCK_SIZE)).sum(-1)  # (B, C, rows, P / 128)
-    rows = None if flags[1] is None else flags[1].unflatten(-1, (-1, BLOCK_SIZE)).any(-1)
+        some = some & (_block_overlap(_row_bounds(rows, line), nb) > 0)[..., None, :, None]
+    full = full & (count == BLOCK_SIZE)[..., None, None, :] & some  # (B, C, R, h, nb, nb)
+    partial = reach & some & ~full
+    num, index = _first_true(torch.stack((partial, full, partial.mT, full.mT)))  # (4, B, C, R, h, nb[, nb])
     out = []
-    for cls, index, start in zip(classes, table_index, first):
-        local = tables[index]
-        nq, nk = local[1].shape[-2:]
-        stop = start + W // cls.branch.segment
-        keys = flags[0][:, :, start:stop, : nk * BLOCK_SIZE].flatten(1, 2)  # (B, S, Lp)
-        block_rows = None if rows is None else rows[:, :, start:stop, :nq].flatten(1, 2)  # (B, S, nq)
-        parts = keys, count[:, :, start:stop, :nk].flatten(1, 2), block_rows
+    for cls, start, h in zip(classes, first, heads):
+        stop, n = start + W // cls.branch.segment, len(cls.branch.heads)
+        nq = -(-counts(cls.branch, cls.branch.segment)[0] // BLOCK_SIZE)
+        tables = num[:, :, :, start:stop, :h, :nq], index[:, :, :, start:stop, :h, :nq, :nq]
+        class_keys = keys[:, :, start:stop]
+        if class_keys.dtype == torch.bool:
+            class_keys = class_keys[..., : nq * BLOCK_SIZE]
         fold = _batch_fold(q, k, v, cls)
-        if fold is not None:
-            out.append((_valid_tables(local, cls, *parts, fold, q.shape[0]),))
-        else:  # one call per batch entry
-            entry = lambda x, b: None if x is None else x[b : b + 1]  # noqa: E731
-            out.append(tuple(
-                _valid_tables(local, cls, *(entry(x, b) for x in parts), "heads", 1) for b in range(q.shape[0])
-            ))
+        if fold is None:  # one call per batch entry, each as the heads fold of batch 1
+            calls = [([t[:, b : b + 1] for t in tables], class_keys[b : b + 1], "heads", 1) for b in range(B)]
+        else:
+            calls = [(tables, class_keys, fold, B)]
+        out.append(tuple(_flex_tables(*call, n) for call in calls))
     return tuple(out)
+
+
+def _flex_tables(tables, keys, fold: str, batch: int, n: int):
+    """Tables (4, B, C, S_c, h, nq[, nk]) and keys (B, C, S_c, .) of one class -> its 8 flex tables, contiguous
+    (flex's kernels index them as such), and its keys as its mask_mod reads them: (S, B * n) tables and (B, S, .)
+    keys when the batch folds into flex's heads, (B * S, n) and (B * S, .) when into its segments."""
+    out = []
+    for t in tables:
+        if fold == "heads":  # one table per (segment, entry, head): (4, C, S_c, B, h, ...) -> (4, S, B * n, ...)
+            t = t.permute(0, 2, 3, 1, *range(4, t.dim()))
+            t = t.expand(*t.shape[:4], n if batch > 1 else t.shape[4], *t.shape[5:])
+            t = t.reshape(4, -1, t.shape[3] * t.shape[4], *t.shape[5:])
+        else:  # (4, B * S, h, ...)
+            t = t.reshape(4, -1, *t.shape[4:])
+        out.append(t.contiguous().unbind(0))
+    keys = keys.flatten(1, 2)
+    return tuple(x for pair in zip(*out) for x in pair), keys if fold == "heads" else keys.flatten(0, 1)
 
 
 def _folded_flex(q, k, v, cls: HeadClass, local, causal: bool, scale: float, fold: str, valid=None):
     """Flex on the class's folded views of q, k, v (B, H, C, W, D), the whole batch in one call:
-    out (B, n, S, L, D), lse (B, n, S, L). ``valid``: the class's `_valid_tables` (keys without the flag masked,
-    their blocks skipped)."""
+    out (B, n, S, L, D), lse (B, n, S, L). ``valid``: the class's tables and keys from `_validity` (keys that do not
+    count masked, their blocks skipped)."""
     r, w = cls.branch.rate, cls.branch.segment
     B = q.shape[0]
     qc = _folded_view(q, cls.q_heads, w, r, cls.offset, fold)
@@ -325,10 +370,12 @@ def _folded_flex(q, k, v, cls: HeadClass, local, causal: bool, scale: float, fol
     if valid is not None:
         tables, keys = valid
         n = len(cls.branch.heads)
-        if fold == "heads":  # keys (B, S, Lp): flex head h is entry h // n
-            key_mod = lambda b, h, i, j: mask_mod(b, h, i, j) & keys[h // n, b, j]  # noqa: E731
-        else:  # keys (B * S, Lp)
-            key_mod = lambda b, h, i, j: mask_mod(b, h, i, j) & keys[b, j]  # noqa: E731
+
+        def key_mod(b, h, i, j):  # keys (B, S, .) with the batch in flex's heads (entry h // n), else (B * S, .)
+            at = (h // n, b) if fold == "heads" else (b,)
+            counts = keys[(*at, j)] if keys.dtype == torch.bool else (j >= keys[(*at, 0)]) & (j < keys[(*at, 1)])
+            return mask_mod(b, h, i, j) & counts
+
         mask = BlockMask((L, L), *tables, BLOCK_SIZE=(BLOCK_SIZE, BLOCK_SIZE), mask_mod=key_mod)
     else:
         tables = local[:8]
@@ -438,8 +485,13 @@ def _call(q, k, v, W: int, classes: tuple[HeadClass, ...], causal: bool, scale: 
     tables = _tables(classes, causal, q.device)
     valid = None
     if key_ok is not None:
-        flags = [None if x is None else _chunks(x, W, 1) for x in (key_ok, row_ok)]
-        valid = _validity(*(_chunks(x, W, 2) for x in (q, k, v)), classes, *tables, *flags)
+        keys = _chunks(key_ok, W, 1)
+        if not torch.compiler.is_compiling():
+            hull = _bounds(keys)
+            if bool((keys.sum(-1) == hull[..., 1] - hull[..., 0]).all()):  # one host sync: an interval per chunk
+                keys = hull
+        rows = None if row_ok is None else _bounds(_chunks(row_ok, W, 1))  # skipping by their hull: only less skipped
+        valid = _validity(*(_chunks(x, W, 2) for x in (q, k, v)), classes, causal, keys, rows)
     args = classes, *tables, causal, scale
     if torch.compiler.is_compiling():
         return _strided_attention(q, k, v, W, *args, None, valid)[:2]

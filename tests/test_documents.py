@@ -55,6 +55,7 @@ def test_packed_route_matches_the_reference(problem, data, layout, padded):
 
     import flexdilated.attention as attention
     import flexdilated.documents as documents
+    import flexdilated.strided as strided
     from flexdilated.strided import strided_classes
 
     spec, B, H, Hkv, N, _, seed = problem
@@ -67,14 +68,16 @@ def test_packed_route_matches_the_reference(problem, data, layout, padded):
             ids[b, c:] += 1
     q, k, v = inputs(B, H, Hkv, N, 16, seed, layout)
     pad = torch.rand(B, N, generator=torch.Generator().manual_seed(seed)) < 0.3 if padded else None
-    results = []
-    packed = documents.packed_attention
-    with cuda_dispatch_eagerly(), mock.patch.object(
-        attention, "packed_attention", lambda *a: results.append(packed(*a)) or results[-1]
-    ):
+    results, keys = [], []
+    packed, validity = documents.packed_attention, strided._validity
+    with cuda_dispatch_eagerly(), \
+            mock.patch.object(attention, "packed_attention", lambda *a: results.append(packed(*a)) or results[-1]), \
+            mock.patch.object(strided, "_validity", lambda *a: keys.append(a[5].dtype) or validity(*a)):
         out, lse = dilated_attention(q, k, v, spec, scale=0.5, return_lse=True, key_padding_mask=pad, document_ids=ids)
     lengths = torch.unique_consecutive(ids + torch.arange(B)[:, None] * N, return_counts=True)[1]
     assert (results[0] is not None) == (int((-(-lengths // W) * W).sum()) <= 2 * B * N)
+    if results[0] is not None and not padded:  # each document a prefix of its aligned chunks: key bounds, no flags
+        assert keys == [torch.int32]
     ref, ref_lse = reference_dilated_attention(q, k, v, spec, scale=0.5, return_lse=True, key_padding_mask=pad,
                                                document_ids=ids)
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)

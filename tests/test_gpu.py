@@ -93,8 +93,10 @@ def test_compiled_kernel_matches_reference(case):
 REAL_SHAPES = [
     ("views", 2, 8, 16384, True, "all", "bnhd", False, False),  # the batch folded into flex's segments
     ("grouped-views", 2, 4, 16384, False, "grouped", "bnhd", False, False),
-    ("padding", 2, 8, 20000, True, "all", "bhnd", True, False),  # padded key blocks skipped; a tail
-    ("documents", 2, 4, 20000, True, "all", "bnhd", True, True),  # aligned documents, padding inside them
+    ("padding", 2, 8, 20000, True, "all", "bhnd", "ends", False),  # key bounds: right, left padding; a tail
+    ("padding-holes", 2, 8, 20000, False, "all", "bhnd", "holes", False),  # key flags: random padded keys
+    ("documents", 2, 4, 20000, True, "all", "bnhd", "holes", True),  # aligned documents, padding inside them
+    ("documents-ends", 2, 4, 20000, True, "all", "bnhd", "ends", True),  # documents as key bounds
 ]
 
 
@@ -113,10 +115,13 @@ def test_real_shapes_match_reference(case):
     q, k, v = make(8), make(Hkv), make(Hkv)
     grad = torch.randn(B, 8, N, 64, generator=gen, device="cuda").bfloat16()
     extra = {}
-    if padded:
+    if padded == "holes":
         pad = torch.rand(B, N, generator=gen, device="cuda") < 0.05
         pad[:, N - N // 10 :] = True
         extra["key_padding_mask"] = pad
+    elif padded == "ends":  # row 0 padded at the end, row 1 at the start
+        j = torch.arange(N, device="cuda")
+        extra["key_padding_mask"] = torch.stack((j >= N - N // 10, j < 3000))
     if packed:
         cuts = torch.tensor([[0, 5000, 5100, 13000], [0, 9000, 9000, 9000]], device="cuda")  # aligned: 65,536 tokens
         extra["document_ids"] = (torch.arange(N, device="cuda")[None, :, None] >= cuts[:, None, :]).sum(-1)

@@ -244,12 +244,14 @@ def test_grouped_heads_with_a_pattern_that_has_no_head():
     torch.testing.assert_close(lse, ref_lse, rtol=1e-10, atol=1e-10)
 
 
-@given(strided_problems(), st.integers(1, 10**6), st.sampled_from(["bhnd", "bnhd"]), st.booleans())
-@example((DilatedSpec((256,), (1,)), 2, 1, 1, 256, False, 0), 256, "bnhd", False)  # one head, one chunk, B 2
+@given(strided_problems(), st.integers(1, 10**6), st.sampled_from(["bhnd", "bnhd"]),
+       st.sampled_from([None, "holes", "ends"]))
+@example((DilatedSpec((256,), (1,)), 2, 1, 1, 256, False, 0), 256, "bnhd", None)  # one head, one chunk, B 2
 def test_any_length_layout_and_padding_on_the_strided_route(problem, tail, layout, padded):
     """`dilated_attention`'s CUDA dispatch (run eagerly here): N = C * W + t takes the strided route on the C whole
     chunks and the gather route on the last t tokens, in either memory layout (the batch folded into flex's heads
-    or segments), with key padding (padded key blocks skipped); together they equal the reference."""
+    or segments), with key padding (padded key blocks skipped; random "holes", flags per key, or padding at the
+    "ends" of rows, bounds per segment); together they equal the reference."""
     import flexdilated.attention as attention
 
     spec, B, H, Hkv, N, _, seed = problem
@@ -258,17 +260,24 @@ def test_any_length_layout_and_padding_on_the_strided_route(problem, tail, layou
     assume(strided_classes(torch.empty(B, H, N - N % W, 16), torch.empty(B, Hkv, N - N % W, 16), spec) is not None)
     q, k, v = inputs(B, H, Hkv, N, 16, seed, layout)
     pad = None
-    if padded:  # random keys, and the end of the last row, as padding
-        pad = torch.rand(B, N, generator=torch.Generator().manual_seed(seed)) < 0.3
+    gen = torch.Generator().manual_seed(seed)
+    if padded == "holes":  # random keys, and the end of the last row, as padding
+        pad = torch.rand(B, N, generator=gen) < 0.3
         pad[-1, N // 2 :] = True
-    taken, folds = [], []
-    fold = strided._batch_fold
+    elif padded == "ends":  # rows padded on the right or the left, by random lengths (some rows all padding)
+        cut = torch.randint(0, N + 1, (B, 1), generator=gen)
+        j = torch.arange(N)
+        pad = torch.where(torch.rand(B, 1, generator=gen) < 0.5, j >= cut, j < cut)
+    taken, folds, keys = [], [], []
+    fold, validity = strided._batch_fold, strided._validity
     with cuda_dispatch_eagerly(), \
             mock.patch.object(strided, "_batch_fold", lambda *a: folds.append(fold(*a)) or folds[-1]), \
+            mock.patch.object(strided, "_validity", lambda *a: keys.append(a[5].dtype) or validity(*a)), \
             mock.patch.object(attention, "strided_attention", lambda *a: taken.append(a[0].shape[2]) or
                               strided.strided_attention(*a)):
         out, lse = dilated_attention(q, k, v, spec, scale=0.5, return_lse=True, key_padding_mask=pad)
     assert taken == [N]  # the strided route on the whole chunks (it leaves the last N % W tokens)
+    assert keys == ([] if pad is None else [torch.int32] if padded == "ends" else keys)  # ends: bounds, not flags
     if layout == "bnhd" and N % W == 0:  # the batch folds into flex's segments: one flex call per class
         one_view = H == 1 and N == W  # one head and one chunk: both folds view the same memory, either may be taken
         assert set(folds) == {"heads"} if B == 1 else set(folds) == {"segments"} or one_view and None not in folds
@@ -280,33 +289,52 @@ def test_any_length_layout_and_padding_on_the_strided_route(problem, tail, layou
 
 
 @pytest.mark.parametrize("layout, B", [("bhnd", 2), ("bhnd", 1), ("bnhd", 2)])
-def test_validity_tables_are_flex_tables(layout, B):
+@pytest.mark.parametrize("keys", ["flags", "bounds"])
+def test_validity_tables_are_flex_tables(layout, B, keys):
     """The per-(entry, segment) tables of key padding and documents, as flex's kernels read them: contiguous (they
-    index them as such), the q direction the transpose of the kv direction, no skipped block holding a valid key,
-    with both key and row flags. (The GPU backward of packed documents returned wrong
-    dk, dv when the q tables came out of argsort transposed.)"""
+    index them as such), the q direction the transpose of the kv direction, no skipped block holding a valid key
+    and no visited one without, given key flags or key bounds, and row bounds. (The GPU backward of packed
+    documents returned wrong dk, dv when the q tables came out of argsort transposed.)"""
     spec = DilatedSpec((256, 512), (1, 2), causal=True)
     q, k, v = inputs(B, 4, 2, 1024, 16, 0, layout)
     classes = strided_classes(q, k, spec)
     chunks = [x.unflatten(2, (2, 512)) for x in (q, k, v)]
     gen = torch.Generator().manual_seed(0)
-    key_ok = (torch.rand(B, 1024, generator=gen) < 0.7).unflatten(1, (2, 512))
-    key_ok[:, 1, 300:] = False  # whole blocks without a valid key
-    row_ok = torch.ones_like(key_ok)
-    row_ok[:, 1, 256:] = False  # whole query blocks without a row
-    tables, index = strided._tables(classes, True, q.device)
-    valid = strided._validity(*chunks, classes, tables, index, key_ok, row_ok)
-    for cls, per_call in zip(classes, valid):
-        for t, keys in per_call:
+    if keys == "flags":
+        key_ok = (torch.rand(B, 1024, generator=gen) < 0.7).unflatten(1, (2, 512))
+        key_ok[:, 1, 300:] = False  # whole blocks without a valid key
+        given = key_ok
+    else:
+        key_ok = torch.zeros(B, 2, 512, dtype=torch.bool)
+        key_ok[:, 0, 3:] = True  # left padding
+        key_ok[:, 1, :300] = True  # right padding, whole blocks without a valid key
+        given = strided._bounds(key_ok)
+        assert given.tolist() == [[[3, 512], [0, 300]]] * B
+    rows = torch.tensor([[0, 512], [0, 256]]).expand(B, 2, 2)  # chunk 1: whole query blocks without a row
+    valid = strided._validity(*chunks, classes, True, given, rows)
+    positions, _, _, first, _ = strided._class_rows(classes, True, 512, q.device)
+    row_keys = torch.nn.functional.pad(key_ok, (0, 1))[:, :, positions]  # each class segment's key flags
+    for cls, start, per_call in zip(classes, first, valid):
+        nk = per_call[0][0][1].shape[-1]
+        flags = row_keys[:, :, start : start + 512 // cls.branch.segment, : nk * strided.BLOCK_SIZE].flatten(1, 2)
+        for b, (t, class_keys) in enumerate(per_call):
+            entry = flags if len(per_call) == 1 else flags[b : b + 1]  # one call per batch entry
             assert all(x.is_contiguous() for x in t)
             kv, full_kv, q_dir, full_q = (dense(*t[a : a + 2]) for a in range(0, 8, 2))
             assert torch.equal(q_dir, kv.transpose(-1, -2)) and torch.equal(full_q, full_kv.transpose(-1, -2))
             assert not (kv & full_kv).any()
             reach = (kv | full_kv).any(-2)  # kv blocks reached by some query block
-            blocks = keys.unflatten(-1, (-1, strided.BLOCK_SIZE)).any(-1)  # kv blocks holding a valid key
-            if (strided._batch_fold(*chunks, cls) or "heads") == "heads":  # tables (S, B * n), keys (B, S, .)
+            blocks = entry.unflatten(-1, (-1, strided.BLOCK_SIZE)).any(-1)  # kv blocks holding a valid key
+            fold = strided._batch_fold(*chunks, cls) or "heads"
+            if fold == "heads":  # tables (S, B * n), keys (B, S, .)
                 blocks = blocks.transpose(0, 1)[:, :, None]
-                reach = reach.unflatten(1, (B, -1)) if reach.shape[1] > 1 else reach[:, :, None]
+                reach = reach.unflatten(1, (entry.shape[0], -1))
             else:  # tables (B * S, n), keys (B * S, .)
-                blocks = blocks[:, None]
+                blocks, entry = blocks.flatten(0, 1)[:, None], entry.flatten(0, 1)
             assert not (reach & ~blocks).any()  # no block without a valid key is visited
+            if keys == "bounds":  # the mask_mod's test j in [lo, hi) keeps exactly the valid keys
+                j = torch.arange(entry.shape[-1])
+                assert class_keys.dtype == torch.int32
+                assert torch.equal((j >= class_keys[..., :1]) & (j < class_keys[..., 1:]), entry)
+            else:
+                assert torch.equal(class_keys, entry)
