@@ -486,7 +486,7 @@ def _call(q, k, v, W: int, classes: tuple[HeadClass, ...], causal: bool, scale: 
     valid = None
     if key_ok is not None:
         keys = _chunks(key_ok, W, 1)
-        if not torch.compiler.is_compiling():
+        if not torch.compiler.is_compiling():  # (traced into a user's graph, the sync would break it: flags)
             hull = _bounds(keys)
             if bool((keys.sum(-1) == hull[..., 1] - hull[..., 0]).all()):  # one host sync: an interval per chunk
                 keys = hull
