@@ -35,14 +35,19 @@ def check_document_ids(ids: torch.Tensor, batch: int, seq_len: int, device: torc
     # that they are non-decreasing is checked where the routes read them on the host (`document_spans`)
 
 
+def _firsts(ids: torch.Tensor) -> torch.Tensor:
+    """(B, N) bool: whether each token is the first of its document."""
+    first = torch.ones_like(ids, dtype=torch.bool)
+    first[:, 1:] = ids[:, 1:] != ids[:, :-1]
+    return first
+
+
 def document_spans(ids: torch.Tensor) -> list[tuple[int, int]]:
     """The (start, end) of every document, rows one after the other (row b at b * N): one host synchronisation,
     which also checks that the ids are non-decreasing along N."""
     B, N = ids.shape
-    first = torch.ones(B, N, dtype=torch.bool, device=ids.device)
-    first[:, 1:] = ids[:, 1:] != ids[:, :-1]
     decreasing = (ids[:, 1:] < ids[:, :-1]).any()
-    starts = torch.cat((first.flatten(), decreasing.view(1))).nonzero().flatten().tolist()
+    starts = torch.cat((_firsts(ids).flatten(), decreasing.view(1))).nonzero().flatten().tolist()
     if starts[-1] == B * N:  # the flag after the tokens
         raise ValueError("document_ids must be non-decreasing along N (each document one contiguous run of tokens)")
     return list(zip(starts, starts[1:] + [B * N]))
@@ -52,9 +57,7 @@ def positions_in_document(ids: torch.Tensor) -> torch.Tensor:
     """(B, N): each token's position counted from the first token of its document."""
     N = ids.shape[1]
     index = torch.arange(N, device=ids.device).expand_as(ids)
-    first = torch.ones_like(ids, dtype=torch.bool)
-    first[:, 1:] = ids[:, 1:] != ids[:, :-1]
-    start = torch.where(first, index, 0).cummax(dim=1).values
+    start = torch.where(_firsts(ids), index, 0).cummax(dim=1).values
     return index - start
 
 
