@@ -450,7 +450,8 @@ def strided_attention(q, k, v, spec: DilatedSpec, classes: tuple[HeadClass, ...]
     route (the caller checked `strided_classes` on them): one compiled call for all heads (past 2**31 elements of
     q: per batch entry and group of heads, `_heads_per_call`), and when no gradient is needed and q has more than
     SLAB_ELEMENTS elements, one per slab of whole chunks, written in place.
-    ``key_ok``, ``row_ok``: (B, N) bool token flags, see `_strided_attention`."""
+    ``key_ok``: the keys that count, (B, N) bool token flags or (B, N // W, 2) bounds [first, last) of each chunk's
+    (one interval per chunk); ``row_ok``: the rows that count, the same way (see `_validity`)."""
     B, H, N, D = q.shape
     W, g = max(spec.segment_lengths), H // k.shape[1]
     N -= N % W
@@ -460,7 +461,11 @@ def strided_attention(q, k, v, spec: DilatedSpec, classes: tuple[HeadClass, ...]
         ((slice(b, b + 1), slice(h, h + G), slice(h // g, (h + G) // g)), _restrict(classes, h, h + G, g))
         for b in range(B) for h in range(0, H, G)
     ]
-    flags = lambda b, rows=slice(None): [None if x is None else x[b, rows] for x in (key_ok, row_ok)]  # noqa: E731
+
+    def flags(b, rows=slice(None)):  # cut by tokens, bounds by chunks
+        chunks = slice(rows.start and rows.start // W, rows.stop and rows.stop // W)
+        return [None if x is None else x[b, rows if x.dtype == torch.bool else chunks] for x in (key_ok, row_ok)]
+
     slab = max(1, SLAB_ELEMENTS // ((B if G == H else 1) * G * W * D))  # chunks per slab
     needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
     if torch.compiler.is_compiling() or needs_grad or (G == H and slab >= N // W):
@@ -485,12 +490,14 @@ def _call(q, k, v, W: int, classes: tuple[HeadClass, ...], causal: bool, scale: 
     tables = _tables(classes, causal, q.device)
     valid = None
     if key_ok is not None:
-        keys = _chunks(key_ok, W, 1)
-        if not torch.compiler.is_compiling():  # (traced into a user's graph, the sync would break it: flags)
+        keys = _chunks(key_ok, W, 1) if key_ok.dtype == torch.bool else key_ok
+        if keys.dtype == torch.bool and not torch.compiler.is_compiling():  # (traced, the sync would break the graph)
             hull = _bounds(keys)
             if bool((keys.sum(-1) == hull[..., 1] - hull[..., 0]).all()):  # one host sync: an interval per chunk
                 keys = hull
-        rows = None if row_ok is None else _bounds(_chunks(row_ok, W, 1))  # skipping by their hull: only less skipped
+        rows = row_ok
+        if rows is not None and rows.dtype == torch.bool:  # skipping by their hull: only less skipped
+            rows = _bounds(_chunks(rows, W, 1))
         valid = _validity(*(_chunks(x, W, 2) for x in (q, k, v)), classes, causal, keys, rows)
     args = classes, *tables, causal, scale
     if torch.compiler.is_compiling():

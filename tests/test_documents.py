@@ -158,3 +158,26 @@ def test_rotary_positions_restart_at_each_document():
     attn(x, x, x, is_causal=True, document_ids=torch.tensor([[0] * 5 + [1] * 7]))
     attn(x[:, 5:], x[:, 5:], x[:, 5:], is_causal=True)
     torch.testing.assert_close(seen[0][:, :, 5:], seen[1], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("layout", ["bhnd", "bnhd"])
+@pytest.mark.parametrize("width", [16, 1])  # rows moved as 8-byte words (out), one float at a time (lse)
+def test_aligned_copies_backward_is_their_gather(layout, width):
+    """`documents._Align` / `_Unalign` move every token to its aligned place and back with gathers in both
+    directions (autograd's own backward would be an index_add). Through any function that maps places to places,
+    the pair is the identity on the tokens, so its gradient is that function's: gradcheck in float64, B > 1, GQA
+    (kv heads fewer than query heads), gaps between the documents and after the last."""
+    from flexdilated.documents import _Align, _Unalign
+
+    B, N, T = 2, 5, 16
+    at = torch.tensor([0, 1, 4, 5, 6, 9, 10, 11, 12, 13])  # each token's aligned place (places 2, 3, 7, 8, 14, 15: gaps)
+    src = torch.arange(T) % (B * N)
+    src[at] = torch.arange(B * N)
+    for heads in (3, 1):
+        x = inputs(B, heads, heads, N, width, heads, layout)[0].requires_grad_()
+
+        def roundtrip(x):  # a function of each place alone: sin on the places, then the tokens back
+            return _Unalign.apply(_Align.apply(x, src, at).sin() * 2, at, B)
+
+        torch.testing.assert_close(roundtrip(x), x.sin() * 2, rtol=0, atol=0)
+        assert torch.autograd.gradcheck(roundtrip, (x,))
