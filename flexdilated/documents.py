@@ -18,6 +18,7 @@ from typing import Callable
 
 import torch
 
+from .kernels import compiled_call
 from .spec import DilatedSpec, fit_to_length
 from .strided import strided_attention, strided_classes
 
@@ -132,16 +133,27 @@ def _storage_rows(x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
     return x.as_strided((rows, D), (D, 1)), tuple(s // D for s in x.stride()[:3])
 
 
+def _rows_at(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    return x[index]
+
+
+_compiled_rows_at = torch.compile(_rows_at, fullgraph=True)
+
+
 def _take_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """``x[index]`` for 2-D x with contiguous rows, moved as 8-byte words where the rows allow: bf16 rows of
-    D = 64 as 16 words, a quarter of the elements for the index kernel."""
-    if x.shape[1] * x.element_size() % 8 or x.storage_offset() * x.element_size() % 8:
-        return x.index_select(0, index)
-    return x.view(torch.int64).index_select(0, index).view(x.dtype)
+    """``x[index]`` for 2-D x (rows, E), on CUDA by Inductor's gather: 0.71 ms for the 10M rows of D = 64 in bf16 of
+    the documents at 1M, where eager ``index_select`` and ``x[index]`` take 6.3 ms (`perf/probe_rows.py`, H200).
+    One compilation per dtype and E, every number of rows."""
+    if not x.is_cuda or torch.compiler.is_compiling():
+        return x[index]
+    for t in (x, index):
+        torch._dynamo.maybe_mark_dynamic(t, 0)
+    return compiled_call(_compiled_rows_at, x, index)
 
 
 def _put_rows(x: torch.Tensor, index: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """``x[index] = rows`` in place (``index`` without repeats: no atomics), as 8-byte words where they allow."""
+    """``x[index] = rows`` in place (``index`` without repeats: no atomics), as 8-byte words where they allow
+    (1.08 ms with the zeros for the documents at 1M, `perf/probe_rows.py`)."""
     if x.shape[1] * x.element_size() % 8:
         return x.index_copy_(0, index, rows)
     x.view(torch.int64).index_copy_(0, index, rows.contiguous().view(torch.int64))
@@ -158,7 +170,7 @@ class _Align(torch.autograd.Function):
     """x (B, H, N, D) -> y (1, H, T, D), ``y[0, h, p] = x[b, h, t]`` with ``src[p] = b * N + t``; every token lies
     at its place ``at[b * N + t]`` and the other places are gaps, which never reach the result. So the gradient
     is a gather too, ``dx[b, h, t] = dy[0, h, at[b * N + t]]``, where autograd's own would be an ``index_add``
-    over every place (26 of the 154 ms of packed documents at 1M, fwd+bwd, H200)."""
+    over every place (7.3 ms per tensor for the documents at 1M, H200, `perf/probe_rows.py`)."""
 
     @staticmethod
     def forward(ctx, x, src, at):
