@@ -122,15 +122,17 @@ def packed_attention(q, k, v, ids: torch.Tensor, spec: DilatedSpec, scale: float
     return _Unalign.apply(out, at, B), _Unalign.apply(lse[..., None], at, B)[..., 0]
 
 
-def _storage_rows(x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
-    """x (B, H, N, D) as a 2-D view (rows, D) of its storage and the row strides (b, h, t): token (b, h, t) is row
-    ``b * sb + h * sh + t * st``. Any layout whose D values are contiguous rows: (B, H, N, D), its (B, N, H, D)
-    transposes, slices of a packed qkv; others are copied first."""
+def _storage_rows(x: torch.Tensor) -> tuple[torch.Tensor, int, tuple[int, int, int]]:
+    """x (B, H, N, D) as a 2-D view (rows, D) of its whole storage, the row of x[0, 0, 0] and the row strides
+    (b, h, t): token (b, h, t) is row ``first + b * sb + h * sh + t * st``. Any layout whose D values are whole rows
+    of the storage: (B, H, N, D), its (B, N, H, D) transposes, slices of a packed qkv; others are copied first.
+    The view starts at the storage's start, so slices at any offset share one compiled gather."""
     D = x.shape[-1]
-    if x.stride(-1) != 1 or any(s % D for s in x.stride()[:3]):
+    if x.stride(-1) != 1 or any(s % D for s in x.stride()[:3]) or x.storage_offset() % D:
         x = x.contiguous()
-    rows = sum((n - 1) * s for n, s in zip(x.shape[:3], x.stride()[:3])) // D + 1
-    return x.as_strided((rows, D), (D, 1)), tuple(s // D for s in x.stride()[:3])
+    first = x.storage_offset() // D
+    rows = first + sum((n - 1) * s for n, s in zip(x.shape[:3], x.stride()[:3])) // D + 1
+    return x.as_strided((rows, D), (D, 1), 0), first, tuple(s // D for s in x.stride()[:3])
 
 
 def _rows_at(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -175,8 +177,9 @@ class _Align(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, src, at):
         B, H, N, D = x.shape
-        rows, (sb, sh, st) = _storage_rows(x)
-        index = (torch.div(src, N, rounding_mode="floor") * sb + src % N * st) + torch.arange(H, device=x.device)[:, None] * sh
+        rows, first, (sb, sh, st) = _storage_rows(x)
+        tokens = first + torch.div(src, N, rounding_mode="floor") * sb + src % N * st
+        index = tokens + torch.arange(H, device=x.device)[:, None] * sh
         ctx.save_for_backward(at)
         ctx.shape = x.shape
         return _take_rows(rows, index.flatten()).view(1, H, -1, D)

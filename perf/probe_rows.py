@@ -24,8 +24,8 @@ src[at] = tokens
 x = torch.randn(1, H, N, D, device="cuda", dtype=torch.bfloat16)
 y = torch.randn(1, H, T, D, device="cuda", dtype=torch.bfloat16)
 g = torch.randn(1, H, N, D, device="cuda", dtype=torch.bfloat16)
-rows, (sb, sh, st) = _storage_rows(x)
-index = (src * st + torch.arange(H, device="cuda")[:, None] * sh).flatten()
+rows, first, (sb, sh, st) = _storage_rows(x)
+index = (first + src * st + torch.arange(H, device="cuda")[:, None] * sh).flatten()
 inverse = _inverse(at, 1, H, T)
 gather = torch.compile(lambda x, i: x[i], dynamic=False)
 cases = {
