@@ -5,9 +5,10 @@ document's first token, and no key of another document — the promise of FlashA
 document masks for dense attention. Two routes:
 
 - `packed_attention` (CUDA's strided route): every document of every row is copied into one sequence where each
-  starts at a multiple of the largest segment W, then the strided route runs once on it with the real tokens as
-  key and row flags. Key blocks holding only the gap after a document are skipped, not masked (`strided.py`), so
-  the work is that of the documents alone; the copy costs one pass over q, k, v and out.
+  starts at a multiple of the largest segment W, then the strided route runs once on it with the bounds of each
+  chunk's real tokens (a prefix of it) as those of its keys and rows. Key blocks holding only the gap after a
+  document are skipped, not masked (`strided.py`), so the work is that of the documents alone; the copies
+  (`_Align`, `_Unalign`: row gathers both ways, forward and backward) cost one pass over q, k, v, out and LSE.
 - `document_attention`: each document alone through the single-sequence dispatch (every other input).
 """
 
@@ -156,9 +157,10 @@ def _take_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 def _put_rows(x: torch.Tensor, index: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """``x[index] = rows`` in place (``index`` without repeats: no atomics), as 8-byte words where they allow
     (1.08 ms with the zeros for the documents at 1M, `perf/probe_rows.py`)."""
-    if x.shape[1] * x.element_size() % 8:
+    rows = rows.contiguous()
+    if x.shape[1] * x.element_size() % 8 or rows.storage_offset() * rows.element_size() % 8:
         return x.index_copy_(0, index, rows)
-    x.view(torch.int64).index_copy_(0, index, rows.contiguous().view(torch.int64))
+    x.view(torch.int64).index_copy_(0, index, rows.view(torch.int64))
     return x
 
 
@@ -199,14 +201,13 @@ class _Unalign(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y, at, batch):
         _, H, T, E = y.shape
-        index = _inverse(at, batch, H, T)
-        ctx.save_for_backward(index)
-        ctx.shape = y.shape
-        return _take_rows(y.reshape(-1, E), index).view(batch, H, -1, E)
+        ctx.save_for_backward(at)
+        ctx.shape, ctx.batch = y.shape, batch
+        return _take_rows(y.reshape(-1, E), _inverse(at, batch, H, T)).view(batch, H, -1, E)
 
     @staticmethod
     def backward(ctx, dx):
-        (index,) = ctx.saved_tensors
-        E = dx.shape[-1]
-        dy = _put_rows(dx.new_zeros(ctx.shape).view(-1, E), index, dx.reshape(-1, E))
+        (at,) = ctx.saved_tensors
+        _, H, T, E = ctx.shape
+        dy = _put_rows(dx.new_zeros(ctx.shape).view(-1, E), _inverse(at, ctx.batch, H, T), dx.reshape(-1, E))
         return dy.view(ctx.shape), None, None
