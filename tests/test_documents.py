@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from flexdilated import DilatedSpec, LongNetEncoder, LongNetLM, dilated_attention, reference_dilated_attention
 from test_attention import make_inputs, problems
-from test_strided import cuda_dispatch_eagerly, inputs, strided_problems
+from test_strided import cuda_dispatch_eagerly, inputs, recording_keys, strided_problems
 
 
 @st.composite
@@ -55,7 +55,6 @@ def test_packed_route_matches_the_reference(problem, data, layout, padded):
 
     import flexdilated.attention as attention
     import flexdilated.documents as documents
-    import flexdilated.strided as strided
     from flexdilated.strided import strided_classes
 
     spec, B, H, Hkv, N, _, seed = problem
@@ -69,10 +68,9 @@ def test_packed_route_matches_the_reference(problem, data, layout, padded):
     q, k, v = inputs(B, H, Hkv, N, 16, seed, layout)
     pad = torch.rand(B, N, generator=torch.Generator().manual_seed(seed)) < 0.3 if padded else None
     results, keys = [], []
-    packed, validity = documents.packed_attention, strided._validity
-    with cuda_dispatch_eagerly(), \
-            mock.patch.object(attention, "packed_attention", lambda *a: results.append(packed(*a)) or results[-1]), \
-            mock.patch.object(strided, "_validity", lambda *a: keys.append(a[5].dtype) or validity(*a)):
+    packed = documents.packed_attention
+    with cuda_dispatch_eagerly(), recording_keys(keys), \
+            mock.patch.object(attention, "packed_attention", lambda *a: results.append(packed(*a)) or results[-1]):
         out, lse = dilated_attention(q, k, v, spec, scale=0.5, return_lse=True, key_padding_mask=pad, document_ids=ids)
     lengths = torch.unique_consecutive(ids + torch.arange(B)[:, None] * N, return_counts=True)[1]
     assert (results[0] is not None) == (int((-(-lengths // W) * W).sum()) <= 2 * B * N)

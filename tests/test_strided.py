@@ -2,6 +2,7 @@
 merge run eagerly here (eager flex made to honour the block tables as the kernels do, forward only) and must equal
 the float64 reference. The compiled kernels and gradients are checked on a GPU (`test_gpu.py`)."""
 
+import inspect
 import warnings
 from contextlib import contextmanager
 from unittest import mock
@@ -221,6 +222,18 @@ def cuda_dispatch_eagerly():
         yield
 
 
+def recording_keys(kinds: list):
+    """`strided._validity` patched to append the dtype of the keys each call gets: bool (flags per key) or int32
+    (bounds per chunk)."""
+    validity = strided._validity
+
+    def spy(*args, **kwargs):
+        kinds.append(inspect.signature(validity).bind(*args, **kwargs).arguments["keys"].dtype)
+        return validity(*args, **kwargs)
+
+    return mock.patch.object(strided, "_validity", spy)
+
+
 def inputs(B, H, Hkv, N, D, seed, layout):
     """float64 q, k, v (B, H, N, D); ``layout="bnhd"``: stored (B, N, H, D) and passed as ``.transpose(1, 2)``
     views, as modules do."""
@@ -269,10 +282,9 @@ def test_any_length_layout_and_padding_on_the_strided_route(problem, tail, layou
         j = torch.arange(N)
         pad = torch.where(torch.rand(B, 1, generator=gen) < 0.5, j >= cut, j < cut)
     taken, folds, keys = [], [], []
-    fold, validity = strided._batch_fold, strided._validity
-    with cuda_dispatch_eagerly(), \
+    fold = strided._batch_fold
+    with cuda_dispatch_eagerly(), recording_keys(keys), \
             mock.patch.object(strided, "_batch_fold", lambda *a: folds.append(fold(*a)) or folds[-1]), \
-            mock.patch.object(strided, "_validity", lambda *a: keys.append(a[5].dtype) or validity(*a)), \
             mock.patch.object(attention, "strided_attention", lambda *a: taken.append(a[0].shape[2]) or
                               strided.strided_attention(*a)):
         out, lse = dilated_attention(q, k, v, spec, scale=0.5, return_lse=True, key_padding_mask=pad)
