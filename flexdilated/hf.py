@@ -105,8 +105,6 @@ def padding_mask(
 
     Raises ``ValueError`` if the requested mask is not causal (or bidirectional) + key padding.
     """
-    if kwargs.get("cache_position") is not None:  # transformers 4.x passes cache_position, not q_offset/q_length
-        q_offset, q_length = int(kwargs["cache_position"][0]), len(kwargs["cache_position"])
     q_offset = int(q_offset)
     if kv_offset != 0:
         raise ValueError(

@@ -132,8 +132,9 @@ def test_chunked_prefill_is_exact(monkeypatch):
     m, ids = model(DILATED), tokens()
     full = m(ids, use_cache=False).logits
     first = m(ids[:, :27], use_cache=True)
-    second = m(ids[:, 27:50], cache=first.cache, use_cache=True)
-    third = m(ids[:, 50:], cache=second.cache, use_cache=True)
+    name = "cache" if hasattr(first, "cache") else "past_key_values"  # transformers 5.24 renamed it
+    second = m(ids[:, 27:50], **{name: getattr(first, name)}, use_cache=True)
+    third = m(ids[:, 50:], **{name: getattr(second, name)}, use_cache=True)
     got = torch.cat([first.logits, second.logits, third.logits], 1)
     torch.testing.assert_close(got, full, atol=1e-10, rtol=0)
 
