@@ -6,7 +6,8 @@ document masks for dense attention. Two routes:
 
 - `packed_attention` (CUDA's strided route): every document of every row is copied into one sequence where each
   starts at a multiple of the largest segment W, then the strided route runs once on it with the bounds of each
-  chunk's real tokens (a prefix of it) as those of its keys and rows. Key blocks holding only the gap after a
+  chunk's real tokens (a prefix of it) as those of its rows and, without ``key_padding_mask``, of its keys (with
+  it, flags per key). Key blocks holding only the gap after a
   document are skipped, not masked (`strided.py`), so the work is that of the documents alone; the copies
   (`_Align`, `_Unalign`: row gathers both ways, forward and backward) cost one pass over q, k, v, out and LSE.
 - `document_attention`: each document alone through the single-sequence dispatch (every other input).
@@ -117,20 +118,21 @@ def packed_attention(q, k, v, ids: torch.Tensor, spec: DilatedSpec, scale: float
         keys = torch.zeros(total, dtype=torch.bool, device=device)
         keys[at] = ~key_padding_mask.flatten()
         keys = keys[None]
-    # (1, H, total, D) copies of q, k, v: the gaps hold tokens that are no key and no row, no softmax sees them
+    # (1, H, total, D) copies of q, k, v: the gaps hold tokens that are no key of any row; their rows are dropped
     aligned = [_Align.apply(x, src, at) for x in (q, k, v)]
     out, lse = strided_attention(*aligned, spec, classes, scale, keys, rows)
     return _Unalign.apply(out, at, B), _Unalign.apply(lse[..., None], at, B)[..., 0]
 
 
 def _storage_rows(x: torch.Tensor) -> tuple[torch.Tensor, int, tuple[int, int, int]]:
-    """x (B, H, N, D) as a 2-D view (rows, D) of its whole storage, the row of x[0, 0, 0] and the row strides
-    (b, h, t): token (b, h, t) is row ``first + b * sb + h * sh + t * st``. Any layout whose D values are whole rows
-    of the storage: (B, H, N, D), its (B, N, H, D) transposes, slices of a packed qkv; others are copied first.
-    The view starts at the storage's start, so slices at any offset share one compiled gather."""
+    """x (B, H, N, D) as a 2-D view (rows, D) of its storage from the storage's start to x's last row, the row of
+    x[0, 0, 0] and the row strides (b, h, t): token (b, h, t) is row ``first + b * sb + h * sh + t * st``. Any
+    layout whose D values are whole rows of the storage: (B, H, N, D), its (B, N, H, D) transposes, slices of a
+    packed qkv; others are copied first. Starting at the storage's start, slices at any offset share one compiled
+    gather."""
     D = x.shape[-1]
     if x.stride(-1) != 1 or any(s % D for s in x.stride()[:3]) or x.storage_offset() % D:
-        x = x.contiguous()
+        x = x.clone(memory_format=torch.contiguous_format)  # (contiguous() would keep a misaligned offset)
     first = x.storage_offset() // D
     rows = first + sum((n - 1) * s for n, s in zip(x.shape[:3], x.stride()[:3])) // D + 1
     return x.as_strided((rows, D), (D, 1), 0), first, tuple(s // D for s in x.stride()[:3])
@@ -144,8 +146,9 @@ _compiled_rows_at = torch.compile(_rows_at, fullgraph=True)
 
 
 def _take_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """``x[index]`` for 2-D x (rows, E), on CUDA by Inductor's gather: 0.71 ms for the 10M rows of D = 64 in bf16 of
-    the documents at 1M, where eager ``index_select`` and ``x[index]`` take 6.3 ms (`perf/probe_rows.py`, H200).
+    """``x[index]`` for 2-D x (rows, E), on CUDA by Inductor's gather: 0.72 ms for the 10M rows of D = 64 in bf16 of
+    the documents at 1M, where eager ``index_select`` and ``x[index]`` of these rows take 6.2 ms
+    (`perf/probe_rows.py`, H200).
     One compilation per dtype and E, every number of rows."""
     if not x.is_cuda or torch.compiler.is_compiling():
         return x[index]
@@ -172,9 +175,11 @@ def _inverse(at: torch.Tensor, batch: int, heads: int, total: int) -> torch.Tens
 
 class _Align(torch.autograd.Function):
     """x (B, H, N, D) -> y (1, H, T, D), ``y[0, h, p] = x[b, h, t]`` with ``src[p] = b * N + t``; every token lies
-    at its place ``at[b * N + t]`` and the other places are gaps, which never reach the result. So the gradient
-    is a gather too, ``dx[b, h, t] = dy[0, h, at[b * N + t]]``, where autograd's own would be an ``index_add``
-    over every place (7.3 ms per tensor for the documents at 1M, H200, `perf/probe_rows.py`)."""
+    at its place ``at[b * N + t]`` and the other places are gaps, which never reach the result: no key there
+    counts, and their rows are dropped by `_Unalign`, whose gradient there is zero. So the gradient is a gather
+    too, ``dx[b, h, t] = dy[0, h, at[b * N + t]]``, the gaps' gradients (zero) dropped, where autograd's own
+    would be an ``index_add`` over every place (7.4 ms per tensor for the documents at 1M, H200,
+    `perf/probe_rows.py`)."""
 
     @staticmethod
     def forward(ctx, x, src, at):

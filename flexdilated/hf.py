@@ -92,7 +92,7 @@ def register(
 
 def padding_mask(
     batch_size: int,
-    q_length: int | None = None,
+    q_length: int,
     kv_length: int = 0,
     q_offset: int | torch.Tensor = 0,
     kv_offset: int = 0,

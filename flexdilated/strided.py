@@ -401,7 +401,7 @@ def _strided_attention(q, k, v, W: int, classes: tuple[HeadClass, ...], tables, 
     proves 16-aligned (a prefix view passed in carries strides of its own; as free symbols they cost flex's kernels
     their aligned loads: 34.3 vs 22.3 ms at 1M, `perf/NOTES.md` attempt 12).
 
-    ``valid``: `_validity` of key (and row) flags, e.g. padding or packed documents: only flagged keys count.
+    ``valid``: `_validity` of the keys (and rows) that count, e.g. padding or packed documents.
     With ``out`` given (inference in slabs), the result is written into it. The merge weights are returned only
     so that Inductor computes them once per row: inlined into the output kernel they cost an exp per element
     (2.25 -> 1.40 ms at N = 2**20, `perf/NOTES.md`)."""
@@ -485,7 +485,8 @@ def strided_attention(q, k, v, spec: DilatedSpec, classes: tuple[HeadClass, ...]
 
 def _call(q, k, v, W: int, classes: tuple[HeadClass, ...], causal: bool, scale: float, out=None, key_ok=None,
           row_ok=None):
-    """One compiled `_strided_attention` on (B, H, N, D) tensors and (B, N) flags: the first N - N % W tokens;
+    """One compiled `_strided_attention` on (B, H, N, D) tensors, and key and row flags (B, N) or bounds (B, C, 2)
+    (`strided_attention`): the first N - N % W tokens;
     traced in place under an enclosing torch.compile."""
     tables = _tables(classes, causal, q.device)
     valid = None

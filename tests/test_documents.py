@@ -158,14 +158,15 @@ def test_rotary_positions_restart_at_each_document():
     torch.testing.assert_close(seen[0][:, :, 5:], seen[1], rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("layout", ["bhnd", "bnhd", "qkv"])
+@pytest.mark.parametrize("layout", ["bhnd", "bnhd", "qkv", "offset"])
 @pytest.mark.parametrize("width", [16, 1])  # rows of q, k, v, out (D), of the LSE (1)
 def test_aligned_copies_backward_is_their_gather(layout, width):
     """`documents._Align` / `_Unalign` move every token to its aligned place and back with gathers in both
     directions (autograd's own backward would be an index_add). Through any function that maps places to places,
     the pair is the identity on the tokens, so its gradient is that function's: gradcheck in float64, B > 1, one
-    and three heads, gaps between the documents and after the last; (B, H, N, D), (B, N, H, D) views and the middle
-    slice of a packed (B, N, 3, H, D) qkv (a storage offset)."""
+    and three heads, gaps between the documents and after the last; (B, H, N, D), (B, N, H, D) views, the middle
+    slice of a packed (B, N, 3, H, D) qkv (a storage offset of whole rows) and a contiguous tensor one element
+    into its storage (an offset that is not, so copied)."""
     from flexdilated.documents import _Align, _Unalign
 
     B, N, T = 2, 5, 16
@@ -176,6 +177,9 @@ def test_aligned_copies_backward_is_their_gather(layout, width):
         if layout == "qkv":
             qkv = torch.randn(B, N, 3, heads, width, dtype=torch.float64, requires_grad=True)
             x = qkv[:, :, 1].transpose(1, 2)
+        elif layout == "offset":
+            base = torch.randn(1 + B * heads * N * width, dtype=torch.float64, requires_grad=True)
+            x = base[1:].view(B, heads, N, width)
         else:
             x = inputs(B, heads, heads, N, width, heads, layout)[0].requires_grad_()
 
