@@ -188,3 +188,28 @@ def test_aligned_copies_backward_is_their_gather(layout, width):
 
         torch.testing.assert_close(roundtrip(x), x.sin() * 2, rtol=0, atol=0)
         assert torch.autograd.gradcheck(roundtrip, (x,))
+
+
+def test_packed_route_inside_user_compile():
+    """A user's torch.compile (not fullgraph: the document starts break the graph) traces the packed route's
+    copies (`_Align`, `_Unalign`: autograd Functions over storage views) and gets the reference's result."""
+    from unittest import mock
+
+    import flexdilated.attention as attention
+    import flexdilated.documents as documents
+
+    spec = DilatedSpec((16, 32), (1, 2), causal=True)
+    B, H, N = 2, 4, 150
+    q, k, v = inputs(B, H, 2, N, 16, 0, "bnhd")
+    ids = (torch.arange(N)[None, :, None] >= torch.tensor([[40, 90], [7, 120]])[:, None, :]).sum(-1)
+    taken, packed = [], documents.packed_attention
+    torch._dynamo.reset()
+    with cuda_dispatch_eagerly(), \
+            mock.patch.object(attention, "packed_attention", lambda *a: taken.append(1) or packed(*a)):
+        compiled = torch.compile(lambda *x: dilated_attention(*x, spec, document_ids=ids, return_lse=True),
+                                 backend="eager")
+        out, lse = compiled(q, k, v)
+    assert taken  # the packed route, not document by document
+    ref, ref_lse = reference_dilated_attention(q, k, v, spec, document_ids=ids, return_lse=True)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(lse, ref_lse, rtol=1e-10, atol=1e-10)
