@@ -119,9 +119,11 @@ def packed_attention(q, k, v, ids: torch.Tensor, spec: DilatedSpec, scale: float
         keys[at] = ~key_padding_mask.flatten()
         keys = keys[None]
     # (1, H, total, D) copies of q, k, v: the gaps hold tokens that are no key of any row; their rows are dropped
-    aligned = [_Align.apply(x, src, at) for x in (q, k, v)]
+    places = _places(at, B, H, total)  # of q's tokens (and out's, LSE's); k's and v's with their own heads
+    kv_places = places if k.shape[1] == H else _places(at, B, k.shape[1], total)
+    aligned = [_Align.apply(x, src, p) for x, p in ((q, places), (k, kv_places), (v, kv_places))]
     out, lse = strided_attention(*aligned, spec, classes, scale, keys, rows)
-    return _Unalign.apply(out, at, B), _Unalign.apply(lse[..., None], at, B)[..., 0]
+    return _Unalign.apply(out, places, B), _Unalign.apply(lse[..., None], places, B)[..., 0]
 
 
 def _storage_rows(x: torch.Tensor) -> tuple[torch.Tensor, int, tuple[int, int, int]]:
@@ -167,7 +169,7 @@ def _put_rows(x: torch.Tensor, index: torch.Tensor, rows: torch.Tensor) -> torch
     return x
 
 
-def _inverse(at: torch.Tensor, batch: int, heads: int, total: int) -> torch.Tensor:
+def _places(at: torch.Tensor, batch: int, heads: int, total: int) -> torch.Tensor:
     """(B * H * N,): the row of (1, H, total, .) where token (b, h, t) lies, ``h * total + at[b * N + t]``."""
     places = torch.arange(heads, device=at.device)[:, None] * total + at.view(batch, 1, -1)
     return places.flatten()
@@ -175,44 +177,41 @@ def _inverse(at: torch.Tensor, batch: int, heads: int, total: int) -> torch.Tens
 
 class _Align(torch.autograd.Function):
     """x (B, H, N, D) -> y (1, H, T, D), ``y[0, h, p] = x[b, h, t]`` with ``src[p] = b * N + t``; every token lies
-    at its place ``at[b * N + t]`` and the other places are gaps, which never reach the result: no key there
-    counts, and their rows are dropped by `_Unalign`, whose gradient there is zero. So the gradient is a gather
-    too, ``dx[b, h, t] = dy[0, h, at[b * N + t]]``, the gaps' gradients (zero) dropped, where autograd's own
+    at its place (``places``, `_places`) and the other places are gaps, which never reach the result: no key
+    there counts, and their rows are dropped by `_Unalign`, whose gradient there is zero. So the gradient is a
+    gather too, ``dx[b, h, t] = dy[0, h, at[b * N + t]]``, the gaps' gradients (zero) dropped, where autograd's own
     would be an ``index_add`` over every place (7.4 ms per tensor for the documents at 1M, H200,
     `perf/probe_rows.py`)."""
 
     @staticmethod
-    def forward(ctx, x, src, at):
+    def forward(ctx, x, src, places):
         B, H, N, D = x.shape
         rows, first, (sb, sh, st) = _storage_rows(x)
         tokens = first + torch.div(src, N, rounding_mode="floor") * sb + src % N * st
         index = tokens + torch.arange(H, device=x.device)[:, None] * sh
-        ctx.save_for_backward(at)
+        ctx.save_for_backward(places)
         ctx.shape = x.shape
         return _take_rows(rows, index.flatten()).view(1, H, -1, D)
 
     @staticmethod
     def backward(ctx, dy):
-        (at,) = ctx.saved_tensors
-        B, H, N, D = ctx.shape
-        dx = _take_rows(dy.reshape(-1, D), _inverse(at, B, H, dy.shape[2]))
-        return dx.view(B, H, N, D), None, None
+        (places,) = ctx.saved_tensors
+        return _take_rows(dy.reshape(-1, dy.shape[-1]), places).view(ctx.shape), None, None
 
 
 class _Unalign(torch.autograd.Function):
     """y (1, H, T, E) -> x (B, H, N, E), ``x[b, h, t] = y[0, h, at[b * N + t]]``: the tokens back from their aligned
-    places. Backward: the gradient put at the same places, zero at the gaps."""
+    places (``places``, `_places`). Backward: the gradient put at the same places, zero at the gaps."""
 
     @staticmethod
-    def forward(ctx, y, at, batch):
-        _, H, T, E = y.shape
-        ctx.save_for_backward(at)
-        ctx.shape, ctx.batch = y.shape, batch
-        return _take_rows(y.reshape(-1, E), _inverse(at, batch, H, T)).view(batch, H, -1, E)
+    def forward(ctx, y, places, batch):
+        H, E = y.shape[1], y.shape[-1]
+        ctx.save_for_backward(places)
+        ctx.shape = y.shape
+        return _take_rows(y.reshape(-1, E), places).view(batch, H, -1, E)
 
     @staticmethod
     def backward(ctx, dx):
-        (at,) = ctx.saved_tensors
-        _, H, T, E = ctx.shape
-        dy = _put_rows(dx.new_zeros(ctx.shape).view(-1, E), _inverse(at, ctx.batch, H, T), dx.reshape(-1, E))
-        return dy.view(ctx.shape), None, None
+        (places,) = ctx.saved_tensors
+        E = dx.shape[-1]
+        return _put_rows(dx.new_zeros(ctx.shape).view(-1, E), places, dx.reshape(-1, E)).view(ctx.shape), None, None

@@ -9,7 +9,7 @@ import torch
 
 from bench import Workload, document_lengths, timed
 from flexdilated import DilatedSpec
-from flexdilated.documents import _Align, _inverse, _storage_rows, _take_rows, _Unalign
+from flexdilated.documents import _Align, _places, _storage_rows, _take_rows, _Unalign
 
 H, N, D, W = 8, 1048576, 64, 8192
 lengths = document_lengths(Workload("documents", DilatedSpec((8192,), (1,)), H, (N,), documents=16384), N)
@@ -26,7 +26,7 @@ y = torch.randn(1, H, T, D, device="cuda", dtype=torch.bfloat16)
 g = torch.randn(1, H, N, D, device="cuda", dtype=torch.bfloat16)
 rows, first, (sb, sh, st) = _storage_rows(x)
 index = (first + src * st + torch.arange(H, device="cuda")[:, None] * sh).flatten()
-inverse = _inverse(at, 1, H, T)
+places = _places(at, 1, H, T)
 gather = torch.compile(lambda x, i: x[i], dynamic=False)
 cases = {
     "old align: (N, H, D) view .index_select(0, src)": lambda: x.transpose(1, 2).reshape(N, H, D).index_select(0, src),
@@ -36,11 +36,11 @@ cases = {
     "align, x.view(-1, D)[index]": lambda: rows[index],
     "align, compiled x[index]": lambda: gather(rows, index),
     "old unalign: y[0].index_select(1, at)": lambda: y[0].index_select(1, at),
-    "unalign, _take_rows": lambda: _take_rows(y.view(-1, D), inverse),
+    "unalign, _take_rows": lambda: _take_rows(y.view(-1, D), places),
     "old align backward: index_add": lambda: torch.zeros(N, H, D, device="cuda", dtype=torch.bfloat16).index_add_(0, src, y[0].transpose(0, 1)),
-    "unalign backward: zeros + index_copy words": lambda: _Unalign.backward(type("C", (), {"saved_tensors": (at,), "shape": y.shape, "batch": 1})(), g),
-    "Align.apply": lambda: _Align.apply(x, src, at),
-    "Unalign.apply": lambda: _Unalign.apply(y, at, 1),
+    "unalign backward: zeros + index_copy words": lambda: _Unalign.backward(type("C", (), {"saved_tensors": (places,), "shape": y.shape})(), g),
+    "Align.apply": lambda: _Align.apply(x, src, places),
+    "Unalign.apply": lambda: _Unalign.apply(y, places, 1),
 }
 gib = N * H * D * 2 / 2**30
 print(f"T = {T} aligned tokens for N = {N}; one pass over x is {gib:.2f} GiB")

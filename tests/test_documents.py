@@ -167,7 +167,7 @@ def test_aligned_copies_backward_is_their_gather(layout, width):
     and three heads, gaps between the documents and after the last; (B, H, N, D), (B, N, H, D) views, the middle
     slice of a packed (B, N, 3, H, D) qkv (a storage offset of whole rows) and a contiguous tensor one element
     into its storage (an offset that is not, so copied)."""
-    from flexdilated.documents import _Align, _Unalign
+    from flexdilated.documents import _Align, _places, _Unalign
 
     B, N, T = 2, 5, 16
     at = torch.tensor([0, 1, 4, 5, 6, 9, 10, 11, 12, 13])  # each token's aligned place (places 2, 3, 7, 8, 14, 15: gaps)
@@ -183,8 +183,10 @@ def test_aligned_copies_backward_is_their_gather(layout, width):
         else:
             x = inputs(B, heads, heads, N, width, heads, layout)[0].requires_grad_()
 
+        places = _places(at, B, heads, T)
+
         def roundtrip(x):  # a function of each place alone: sin on the places, then the tokens back
-            return _Unalign.apply(_Align.apply(x, src, at).sin() * 2, at, B)
+            return _Unalign.apply(_Align.apply(x, src, places).sin() * 2, places, B)
 
         torch.testing.assert_close(roundtrip(x), x.sin() * 2, rtol=0, atol=0)
         assert torch.autograd.gradcheck(roundtrip, (x,))
