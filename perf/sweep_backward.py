@@ -18,9 +18,8 @@ from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 from bench import timed
 
-CANDIDATES = [  # (BLOCK_M1, BLOCK_N1, BLOCK_M2, BLOCK_N2, num_stages, num_warps); None: flex's default
-    None,
-    (64, 128, 128, 64, 3, 8),
+CANDIDATES = [  # (BLOCK_M1, BLOCK_N1, BLOCK_M2, BLOCK_N2, num_stages, num_warps); None: flex's default, on sm90
+    None,         # at D 64-128 (64, 128, 128, 64, 3, 8) (torch/_inductor/template_heuristics/triton.py)
     (64, 128, 128, 64, 3, 4),
     (64, 64, 64, 64, 3, 4),
     (32, 128, 128, 32, 3, 4),
@@ -58,12 +57,13 @@ def main():
                     except Exception as e:  # a config that does not fit the shared memory
                         print(f"D={D} causal={causal} {opts}: {type(e).__name__}", flush=True)
                         continue
-                    rec = dict(D=D, causal=causal, options=opts, ms=ms, sdpa_ms=sdpa, ratio=ms / sdpa)
+                    rec = dict(D=D, causal=causal, options=opts, ms=ms, sdpa_ms=sdpa, ratio=ms / sdpa,
+                               device=torch.cuda.get_device_name(), torch=torch.__version__)
                     records.append(rec)
                     print(json.dumps(rec), flush=True)
-    if args.out:
-        with open(f"{args.out}/sweep_backward.json", "w") as f:
-            json.dump(records, f, indent=1)
+                    if args.out:  # after each record: a run cut short keeps what it measured
+                        with open(f"{args.out}/sweep_backward.json", "w") as f:
+                            json.dump(records, f, indent=1)
     print(f"{'D':>3s} {'causal':6s} {'fwd+bwd ms':>10s} {'/sdpa':>6s}  options")
     for r in records:
         print(f"{r['D']:>3d} {str(r['causal']):6s} {r['ms']:10.2f} {r['ratio']:6.2f}  {r['options']}")
