@@ -24,12 +24,33 @@ from .masks import MaskMod, block_tables
 MAX_ELEMENTS = 2**31 - 1  # flex indexes each of q, k, v, out with int32 offsets
 SLAB_SCORES = 2**24  # score elements per slab in the math route (64 MiB in float32)
 
+# Flex's backward tiles (BLOCK_M1, BLOCK_N1, BLOCK_M2, BLOCK_N2, num_stages, num_warps) for fp16/bf16 on sm90 (H100,
+# H200), by head dim. `perf/sweep_backward.py` on the H200 (torch 2.11), fwd+bwd of (128, 8, 2048, 64) bf16 over
+# SDPA's: flex's default (64, 128, 128, 64, 3, 8) 1.34 (causal 1.27); (64, 64, 64, 64, 3, 4) 1.23 (1.16); these
+# 1.22 (1.13). Other GPUs, dtypes and head dims keep flex's defaults (not measured; a tile may not fit their memory).
+BACKWARD_TILES = {64: (32, 128, 128, 32, 3, 4)}
+
+
+@torch.compiler.assume_constant_result
+def _is_sm90(index: int) -> bool:
+    return torch.cuda.get_device_capability(index) == (9, 0)
+
+
+def kernel_options(q: torch.Tensor) -> dict | None:
+    """``flex_attention``'s ``kernel_options`` for q: the measured backward tiles where they apply, else None."""
+    tiles = BACKWARD_TILES.get(q.shape[-1])
+    if tiles is None or not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16) or not _is_sm90(q.device.index):
+        return None
+    names = ("bwd_BLOCK_M1", "bwd_BLOCK_N1", "bwd_BLOCK_M2", "bwd_BLOCK_N2", "bwd_num_stages", "bwd_num_warps")
+    return dict(zip(names, tiles))
+
 
 @torch.compile(fullgraph=True)
 def _flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: BlockMask, scale: float):
     """Our own compiled entry: its compile cache and recompile budget are not shared with other users of
     flex_attention in the process (Dynamo keeps them per code object)."""
-    out, aux = flex_attention(q, k, v, block_mask=block_mask, scale=scale, return_aux=AuxRequest(lse=True))
+    out, aux = flex_attention(q, k, v, block_mask=block_mask, scale=scale, kernel_options=kernel_options(q),
+                              return_aux=AuxRequest(lse=True))
     return out, aux.lse
 
 

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import AuxRequest, BlockMask, flex_attention
 
-from .kernels import compiled_call
+from .kernels import compiled_call, kernel_options
 from .masks import BLOCK_SIZE, _block_matrices, _block_tables, _first_true, counts
 from .merge import merge_lse, merge_weight
 from .spec import Branch, DilatedSpec, branches, traced_cache
@@ -382,9 +382,8 @@ def _folded_flex(q, k, v, cls: HeadClass, local, causal: bool, scale: float, fol
         if fold == "heads" and local[0].shape[1] > 1 and B > 1:  # per-head tables: one copy per batch entry
             tables = [t.repeat(1, B, *(1,) * (t.dim() - 2)) for t in tables]
         mask = BlockMask((L, L), *tables, BLOCK_SIZE=(BLOCK_SIZE, BLOCK_SIZE), mask_mod=mask_mod)
-    out, aux = flex_attention(
-        qc, kc, vc, block_mask=mask, scale=scale, enable_gqa=qc.shape[1] != kc.shape[1], return_aux=AuxRequest(lse=True)
-    )
+    out, aux = flex_attention(qc, kc, vc, block_mask=mask, scale=scale, enable_gqa=qc.shape[1] != kc.shape[1],
+                              kernel_options=kernel_options(qc), return_aux=AuxRequest(lse=True))
     return _unfold(out, B, fold), _unfold(aux.lse, B, fold)
 
 

@@ -7,7 +7,7 @@ For each workload it times, on fresh random inputs:
 - dense_core:     compiled `flex_attention` with no mask on tensors shaped like the gathered sub-sequences,
                   (B * ceil(N / w_i), H_i, ceil(w_i / r_i), D) per pattern, summed (causal mask when causal):
                   the same useful work without any sparsity overhead (packed documents: the segments of every
-                  document alone, sum_d ceil(n_d / w_i));
+                  document alone, sum_d ceil(n_d / w_i)), with flexdilated's `kernel_options` (its backward tiles);
 - sdpa_core:      the same shapes through `F.scaled_dot_product_attention` (FlashAttention);
 - naive_pipeline: the official code's way: gather each pattern's tokens in plain PyTorch, flash attention with
                   its LSE per pattern, scatter back to natural order, merge by LSE (multiset semantics; timing
@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 from flexdilated import DilatedSpec, dilated_attention
+from flexdilated.kernels import kernel_options
 from flexdilated.layout import gather, head_index, natural_index, units
 from flexdilated.spec import branches
 
@@ -181,7 +182,7 @@ def run_one(impl: str, w: Workload, N: int, mode: str, reps: int):
 
         def fn():
             if impl == "dense_core":
-                outs = [flex(x, x, x, block_mask=m) for x, m in zip(xs, masks)]
+                outs = [flex(x, x, x, block_mask=m, kernel_options=kernel_options(x)) for x, m in zip(xs, masks)]
             else:
                 outs = [F.scaled_dot_product_attention(x, x, x, is_causal=w.spec.causal) for x in xs]
             if mode != "fwd":

@@ -4,7 +4,7 @@
 
 The shapes are W1's gathered sub-sequences at 262,144 tokens: (128 segments, H 8, L 2048, D) in bf16, forward +
 backward, causal and not. Each row is one `kernel_options` dict for flex's backward (fwd unchanged); the ratio is
-flex over SDPA. The winners go into `flexdilated.strided.KERNEL_OPTIONS` with their figures.
+flex over SDPA. The winners go into `flexdilated.kernels.BACKWARD_TILES` with their figures.
 """
 
 from __future__ import annotations
