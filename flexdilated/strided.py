@@ -156,16 +156,18 @@ def _natural(x: torch.Tensor, segment: int) -> torch.Tensor:
     return x.flatten(3, 4)[:, :, :, :segment].flatten(2, 3)
 
 
-def _place(parts: list[tuple[HeadClass, torch.Tensor]], num_heads: int, segment: int, rate: int, fill: float):
-    """Class results (B, n, S, L_o, *E) back in natural order (B, H, N, *E): row i of offset o is position
-    ``i*r + o`` of its segment, i.e. (B, H, S, ceil(w/r), r, *E) cut to w; ``fill`` where the pattern reaches no row."""
+def _place(parts: list[tuple[HeadClass, torch.Tensor]], num_heads: int, segment: int, rate: int, fill: float,
+           first: int = 0):
+    """Class results (B, n, S, L_o, *E) back in natural order (B, H, N, *E) (heads ``first .. first + H - 1``): row
+    i of offset o is position ``i*r + o`` of its segment, i.e. (B, H, S, ceil(w/r), r, *E) cut to w; ``fill`` where
+    the pattern reaches no row."""
     B, _, S, _, *E = parts[0][1].shape
     rows = -(-segment // rate)
     base = parts[0][1].new_full((B, num_heads, S, rows, rate, *E), fill)
     for cls, x in parts:
         start, stop, step = cls.q_heads
-        heads = base[:, start:stop:step].select_scatter(_rows(x, rows, fill), 4, cls.offset)
-        base = base.slice_scatter(heads, 1, start, stop, step)
+        heads = base[:, start - first : stop - first : step].select_scatter(_rows(x, rows, fill), 4, cls.offset)
+        base = base.slice_scatter(heads, 1, start - first, stop - first, step)
     return _natural(base, segment)
 
 
@@ -179,6 +181,24 @@ def _place_all(parts: list[tuple[HeadClass, torch.Tensor]], num_heads: int, segm
     h = torch.arange(num_heads, device=x.device)
     keep = (h[:, None] % rate == torch.arange(rate, device=x.device)).view(1, num_heads, 1, 1, rate, *(1,) * E)
     return _natural(torch.where(keep, x.unsqueeze(4), fill), segment)
+
+
+def _head_spans(by_pattern: dict[int, list], num_heads: int) -> list[tuple[int, int, int]] | None:
+    """``(first, stop, pattern)`` in head order when the patterns' heads are disjoint ranges that tile
+    ``0 .. H-1`` (heads="grouped", more than one pattern), else None. Then each row's merge would be of one
+    result: ``lse = lse_p``, weight exp(0) = 1 (0 where no pattern reaches the row, as is the output), so the
+    results are concatenated instead, without the full-size (B, H, N) buffers per pattern a merge reads."""
+    spans = []
+    for pattern, parts in by_pattern.items():
+        heads = sorted(h for cls, _, _ in parts for h in range(*cls.q_heads))
+        if len(set(heads)) != len(heads) or heads[-1] + 1 - heads[0] != len(heads):
+            return None
+        spans.append((heads[0], heads[-1] + 1, pattern))
+    spans.sort()
+    stops = [0] + [stop for _, stop, _ in spans]
+    if len(spans) < 2 or stops[-1] != num_heads or [first for first, _, _ in spans] != stops[:-1]:
+        return None
+    return spans
 
 
 def _is_all(classes: list[HeadClass], num_heads: int, rate: int) -> bool:
@@ -420,15 +440,25 @@ def _strided_attention(q, k, v, W: int, classes: tuple[HeadClass, ...], tables, 
             ]
             o, lse = (torch.cat(x) if B > 1 else x[0] for x in zip(*parts))
         by_pattern.setdefault(cls.pattern, []).append((cls, o, lse))
-    lses, outs = [], []
-    for parts in by_pattern.values():
-        w, r = parts[0][0].branch.segment, parts[0][0].branch.rate
-        place = _place_all if _is_all([c for c, _, _ in parts], H, r) else _place
-        lses.append(place([(c, lse.to(acc)) for c, _, lse in parts], H, w, r, float("-inf")))
-        outs.append(place([(c, o) for c, o, _ in parts], H, w, r, 0.0))
-    lse = merge_lse(lses)
-    weights = [merge_weight(part, lse) for part in lses]
-    merged = sum(weight[..., None] * o.to(acc) for o, weight in zip(outs, weights)).to(q.dtype)
+    spans = _head_spans(by_pattern, H)
+    if spans is not None:  # every head in one pattern (heads="grouped"): its result as it is, nothing to merge
+        outs, lses = [], []
+        for first, stop, pattern in spans:
+            parts = by_pattern[pattern]
+            w, r = parts[0][0].branch.segment, parts[0][0].branch.rate
+            outs.append(_place([(c, o) for c, o, _ in parts], stop - first, w, r, 0.0, first))
+            lses.append(_place([(c, lse.to(acc)) for c, _, lse in parts], stop - first, w, r, float("-inf"), first))
+        merged, lse, weights = torch.cat(outs, 1), torch.cat(lses, 1), []
+    else:
+        lses, outs = [], []
+        for parts in by_pattern.values():
+            w, r = parts[0][0].branch.segment, parts[0][0].branch.rate
+            place = _place_all if _is_all([c for c, _, _ in parts], H, r) else _place
+            lses.append(place([(c, lse.to(acc)) for c, _, lse in parts], H, w, r, float("-inf")))
+            outs.append(place([(c, o) for c, o, _ in parts], H, w, r, 0.0))
+        lse = merge_lse(lses)
+        weights = [merge_weight(part, lse) for part in lses]
+        merged = sum(weight[..., None] * o.to(acc) for o, weight in zip(outs, weights)).to(q.dtype)
     if out is None:
         return merged, lse, *weights
     out.copy_(merged)
