@@ -257,6 +257,22 @@ def test_grouped_heads_with_a_pattern_that_has_no_head():
     torch.testing.assert_close(lse, ref_lse, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("heads, merged", [("grouped", False), ("all", True)])
+def test_grouped_heads_concatenate_without_a_merge(heads, merged):
+    """With heads="grouped" every head is in one pattern: the patterns' results are concatenated (no merge
+    weights come back), and equal the reference; with heads="all" they are merged (one weight per pattern)."""
+    spec = DilatedSpec((32, 64, 128), (1, 2, 4), causal=True, heads=heads)
+    q, k, v = inputs(2, 7, 7, 256, 16, 3, "bhnd")  # groups of 3, 2, 2 heads
+    classes = strided_classes(q, k, spec)
+    result = _strided_attention(q, k, v, 128, classes, *_tables(classes, True, q.device), True, 0.5)
+    assert len(result) == 2 + 3 * merged
+    ref, ref_lse = reference_dilated_attention(q, k, v, spec, scale=0.5, return_lse=True)
+    torch.testing.assert_close(result[0], ref, rtol=1e-10, atol=1e-10)
+    assert torch.equal(result[1] == float("-inf"), ref_lse == float("-inf"))
+    reached = ref_lse > float("-inf")
+    torch.testing.assert_close(result[1][reached].float(), ref_lse[reached], rtol=1e-6, atol=1e-6)
+
+
 @given(strided_problems(), st.integers(1, 10**6), st.sampled_from(["bhnd", "bnhd"]),
        st.sampled_from([None, "holes", "ends"]))
 @example((DilatedSpec((256,), (1,)), 2, 1, 1, 256, False, 0), 256, "bnhd", None)  # one head, one chunk, B 2
