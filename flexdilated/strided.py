@@ -187,7 +187,7 @@ def _head_spans(by_pattern: dict[int, list], num_heads: int) -> list[tuple[int, 
     """``(first, stop, pattern)`` in head order when the patterns' heads are disjoint ranges that tile
     ``0 .. H-1`` (heads="grouped", more than one pattern), else None. Then each row's merge would be of one
     result: ``lse = lse_p``, weight exp(0) = 1 (0 where no pattern reaches the row, as is the output), so the
-    results are concatenated instead, without the full-size (B, H, N) buffers per pattern a merge reads."""
+    results are concatenated instead, without the H-wide (B, H, N, D) buffer per pattern a merge reads."""
     spans = []
     for pattern, parts in by_pattern.items():
         heads = sorted(h for cls, _, _ in parts for h in range(*cls.q_heads))
@@ -421,9 +421,9 @@ def _strided_attention(q, k, v, W: int, classes: tuple[HeadClass, ...], tables, 
     their aligned loads: 34.3 vs 22.3 ms at 1M, `perf/NOTES.md` attempt 12).
 
     ``valid``: `_validity` of the keys (and rows) that count, e.g. padding or packed documents.
-    With ``out`` given (inference in slabs), the result is written into it. The merge weights are returned only
-    so that Inductor computes them once per row: inlined into the output kernel they cost an exp per element
-    (2.25 -> 1.40 ms at N = 2**20, `perf/NOTES.md`)."""
+    With ``out`` given (inference in slabs), the result is written into it. The merge weights (none for grouped
+    heads, `_head_spans`) are returned only so that Inductor computes them once per row: inlined into the output
+    kernel they cost an exp per element (2.25 -> 1.40 ms at N = 2**20, `perf/NOTES.md`)."""
     q, k, v = (_chunks(x, W, 2) for x in (q, k, v))
     B, H, C, W, D = q.shape
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
