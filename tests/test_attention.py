@@ -1,5 +1,6 @@
 """The fast path against the reference on random specs and inputs (CPU): outputs, LSE and gradients."""
 
+from types import SimpleNamespace
 from unittest import mock
 
 import pytest
@@ -195,3 +196,23 @@ def test_inside_user_compile_with_dynamic_lengths():
     for N in (64, 100):
         xs = make_inputs(1, 3, 3, N, 8, N, torch.float32)
         torch.testing.assert_close(f(*xs), reference_dilated_attention(*xs, spec), rtol=2e-5, atol=2e-5)
+
+
+def test_backward_tiles_only_where_they_were_measured(monkeypatch):
+    """Flex's swept backward tiles go to fp16/bf16 at D 64 on sm90 only: elsewhere flex's defaults (None), since a
+    tile too large for another GPU's shared memory would not compile."""
+    import flexdilated.kernels as kernels
+
+    def q(D=64, dtype=torch.bfloat16, device="cuda"):  # what kernel_options reads of a CUDA tensor
+        return SimpleNamespace(shape=(1, 8, 4096, D), dtype=dtype, is_cuda=device == "cuda",
+                               device=torch.device(device, 0))
+
+    monkeypatch.setattr(kernels, "_is_sm90", lambda index: True)
+    tiles = {"bwd_BLOCK_M1": 32, "bwd_BLOCK_N1": 128, "bwd_BLOCK_M2": 128, "bwd_BLOCK_N2": 32, "bwd_num_stages": 3,
+             "bwd_num_warps": 4}
+    assert kernels.kernel_options(q()) == tiles
+    assert kernels.kernel_options(q(dtype=torch.float16)) == tiles
+    for other in (q(dtype=torch.float32), q(D=128), q(D=32), q(device="cpu")):
+        assert kernels.kernel_options(other) is None
+    monkeypatch.setattr(kernels, "_is_sm90", lambda index: False)
+    assert kernels.kernel_options(q()) is None
