@@ -20,6 +20,7 @@ so one compilation serves every N.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -440,22 +441,17 @@ def _strided_attention(q, k, v, W: int, classes: tuple[HeadClass, ...], tables, 
             ]
             o, lse = (torch.cat(x) if B > 1 else x[0] for x in zip(*parts))
         by_pattern.setdefault(cls.pattern, []).append((cls, o, lse))
-    spans = _head_spans(by_pattern, H)
+    spans = _head_spans(by_pattern, H)  # each pattern on its own heads, or on all H
+    lses, outs = [], []
+    for first, stop, pattern in spans or [(0, H, pattern) for pattern in by_pattern]:
+        parts = by_pattern[pattern]
+        w, r = parts[0][0].branch.segment, parts[0][0].branch.rate
+        place = _place_all if _is_all([c for c, _, _ in parts], H, r) else functools.partial(_place, first=first)
+        lses.append(place([(c, lse.to(acc)) for c, _, lse in parts], stop - first, w, r, float("-inf")))
+        outs.append(place([(c, o) for c, o, _ in parts], stop - first, w, r, 0.0))
     if spans is not None:  # every head in one pattern (heads="grouped"): its result as it is, nothing to merge
-        outs, lses = [], []
-        for first, stop, pattern in spans:
-            parts = by_pattern[pattern]
-            w, r = parts[0][0].branch.segment, parts[0][0].branch.rate
-            outs.append(_place([(c, o) for c, o, _ in parts], stop - first, w, r, 0.0, first))
-            lses.append(_place([(c, lse.to(acc)) for c, _, lse in parts], stop - first, w, r, float("-inf"), first))
         merged, lse, weights = torch.cat(outs, 1), torch.cat(lses, 1), []
     else:
-        lses, outs = [], []
-        for parts in by_pattern.values():
-            w, r = parts[0][0].branch.segment, parts[0][0].branch.rate
-            place = _place_all if _is_all([c for c, _, _ in parts], H, r) else _place
-            lses.append(place([(c, lse.to(acc)) for c, _, lse in parts], H, w, r, float("-inf")))
-            outs.append(place([(c, o) for c, o, _ in parts], H, w, r, 0.0))
         lse = merge_lse(lses)
         weights = [merge_weight(part, lse) for part in lses]
         merged = sum(weight[..., None] * o.to(acc) for o, weight in zip(outs, weights)).to(q.dtype)
