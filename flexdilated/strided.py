@@ -184,6 +184,17 @@ def _place_all(parts: list[tuple[HeadClass, torch.Tensor]], num_heads: int, segm
     return _natural(torch.where(keep, x.unsqueeze(4), fill), segment)
 
 
+def _class_view(x: torch.Tensor, cls: HeadClass) -> torch.Tensor:
+    """The inverse of `_place` for one class: x (B, H, S*w) in natural order -> its rows (B, n, S, L), a view (a
+    copy when r does not divide w): row i of offset o is position ``i*r + o`` of its segment."""
+    w, r = cls.branch.segment, cls.branch.rate
+    rows = -(-w // r)
+    start, stop, step = cls.q_heads
+    x = x[:, start:stop:step].unflatten(2, (-1, w))
+    x = x if rows * r == w else F.pad(x, (0, rows * r - w))
+    return x.unflatten(3, (rows, r))[..., cls.offset][..., : -(-(w - cls.offset) // r)]
+
+
 def _head_spans(by_pattern: dict[int, list], num_heads: int) -> list[tuple[int, int, int]] | None:
     """``(first, stop, pattern)`` in head order when the patterns' heads are disjoint ranges that tile
     ``0 .. H-1`` (heads="grouped", more than one pattern), else None. Then each row's merge would be of one
@@ -442,19 +453,25 @@ def _strided_attention(q, k, v, W: int, classes: tuple[HeadClass, ...], tables, 
             o, lse = (torch.cat(x) if B > 1 else x[0] for x in zip(*parts))
         by_pattern.setdefault(cls.pattern, []).append((cls, o, lse))
     spans = _head_spans(by_pattern, H)  # each pattern on its own heads, or on all H
-    lses, outs = [], []
+    lses, outs, placements = [], [], []
     for first, stop, pattern in spans or [(0, H, pattern) for pattern in by_pattern]:
         parts = by_pattern[pattern]
         w, r = parts[0][0].branch.segment, parts[0][0].branch.rate
         place = _place_all if _is_all([c for c, _, _ in parts], H, r) else functools.partial(_place, first=first)
         lses.append(place([(c, lse.to(acc)) for c, _, lse in parts], stop - first, w, r, float("-inf")))
-        outs.append(place([(c, o) for c, o, _ in parts], stop - first, w, r, 0.0))
+        if spans is not None:
+            outs.append(place([(c, o) for c, o, _ in parts], stop - first, w, r, 0.0))
+        placements.append((place, w, r, pattern))
     if spans is not None:  # every head in one pattern (heads="grouped"): its result as it is, nothing to merge
         merged, lse, weights = torch.cat(outs, 1), torch.cat(lses, 1), []
-    else:
+    else:  # each class output weighted in its own layout (in acc: the weights' dtype), then placed: the backward
+        # reads flex's saved outputs, where a cast or a placement would be saved beside them (NOTES attempt 16)
         lse = merge_lse(lses)
         weights = [merge_weight(part, lse) for part in lses]
-        merged = sum(weight[..., None] * o.to(acc) for o, weight in zip(outs, weights)).to(q.dtype)
+        merged = sum(
+            place([(c, o * _class_view(weight, c)[..., None]) for c, o, _ in by_pattern[pattern]], H, w, r, 0.0)
+            for (place, w, r, pattern), weight in zip(placements, weights)
+        ).to(q.dtype)
     if out is None:
         return merged, lse, *weights
     out.copy_(merged)

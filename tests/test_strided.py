@@ -273,6 +273,31 @@ def test_grouped_heads_concatenate_without_a_merge(heads, merged):
     torch.testing.assert_close(result[1][reached].float(), ref_lse[reached], rtol=1e-6, atol=1e-6)
 
 
+def test_backward_saves_the_class_outputs_not_their_placed_copies(monkeypatch):
+    """What the compiled route keeps for its backward, as Inductor's partitioner decides it (here without its
+    kernels): q, k, v, flex's class outputs (which flex's backward needs: 1/r of q's size for a pattern of rate
+    r) and per-row tensors. The merge weights each class output in its own layout, so no copy of the outputs
+    placed in natural order is kept beside them (5.5 q-sizes were kept before, 2.0 now: `perf/NOTES.md`
+    attempt 16)."""
+    monkeypatch.setattr(torch.nn.attention.flex_attention, "_validate_device", lambda *a: None)  # CPU: no grad
+    spec = DilatedSpec((256, 512, 1024), (1, 2, 4))
+    q, k, v = (torch.randn(2, 8, 2048, 64, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    classes = strided_classes(q, k, spec)
+    saved = {}
+
+    def pack(x):
+        saved[x.untyped_storage().data_ptr()] = x.untyped_storage().nbytes()
+        return x
+
+    compiled = torch.compile(_strided_attention, backend="aot_eager_decomp_partition", fullgraph=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+        compiled(q, k, v, 1024, classes, *_tables(classes, False, q.device), False, 0.125)
+    kept = sum(n for at, n in saved.items() if at not in {x.untyped_storage().data_ptr() for x in (q, k, v)})
+    row_bytes = 2 * 8 * 2048 * 4  # one float32 value per (b, h, row)
+    class_outputs = q.nbytes * (1 + 1 / 2 + 1 / 4)
+    assert class_outputs <= kept <= class_outputs + 12 * row_bytes, kept / q.nbytes
+
+
 @given(strided_problems(), st.integers(1, 10**6), st.sampled_from(["bhnd", "bnhd"]),
        st.sampled_from([None, "holes", "ends"]))
 @example((DilatedSpec((256,), (1,)), 2, 1, 1, 256, False, 0), 256, "bnhd", None)  # one head, one chunk, B 2
