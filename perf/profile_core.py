@@ -5,19 +5,12 @@
 For each workload (its first length, or ``--length``) and mode it prints the call's wall time (CUDA events), the
 summed GPU kernel time (the gap between them is GPU idle, usually host time the GPU waits for), the host time until
 the call returns, the kernel time by kind (flex forward, flex backward, Inductor's other kernels, the rest) and the
-kernels and host operations that cost most. "queued" is the call's time when the GPU is kept busy (a sleep kernel)
-while the host launches it: wall - queued is the host latency a synchronous benchmark exposes (`bench.py` syncs
-after every repetition), which a training step that keeps the GPU's queue full hides. With ``--host``, the Python
-functions that cost most host time (cProfile, by own time). With ``--out``, a Chrome trace per case.
+kernels and host operations that cost most. With ``--out``, a Chrome trace per case.
 """
 
 from __future__ import annotations
 
 import argparse
-import cProfile
-import io
-import pstats
-import statistics
 import time
 
 import torch
@@ -36,18 +29,6 @@ def kind(name: str) -> str:
     return "inductor other" if name.startswith("triton_") else "aten/other"
 
 
-def queued_ms(call) -> float:
-    """The call's GPU time with the host's launch latency hidden: the GPU sleeps (50 ms) while the host launches."""
-    torch.cuda.synchronize()
-    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda._sleep(50_000_000)  # cycles: about 25-50 ms
-    start.record()
-    call()
-    stop.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(stop)
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", default="tail,padding,documents,documents-causal")
@@ -55,7 +36,6 @@ def main():
     parser.add_argument("--out", default=None)
     parser.add_argument("--rows", type=int, default=12)
     parser.add_argument("--length", type=int, default=None, help="N instead of each workload's first length")
-    parser.add_argument("--host", action="store_true", help="print cProfile's top host functions")
     args = parser.parse_args()
     summary = []
     for w in workloads(quick=False):
@@ -83,21 +63,12 @@ def main():
                     host_ms = (time.perf_counter() - t0) * 1e3
                     stop.record()
                     torch.cuda.synchronize()
-                queued = statistics.median(queued_ms(call) for _ in range(10))
-                if args.host:
-                    host = cProfile.Profile()
-                    host.runcall(call)
-                    torch.cuda.synchronize()
-                    text = io.StringIO()
-                    pstats.Stats(host, stream=text).sort_stats("tottime").print_stats(args.rows)
-                    print(text.getvalue())
             events = prof.key_averages()
             kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
             gpu_ms = sum(e.self_device_time_total for e in kernels) / 1e3
             wall_ms = start.elapsed_time(stop)
             name = f"{label(w)} {mode}"
-            print(f"\n=== {name}: wall {wall_ms:.2f} ms, GPU kernels {gpu_ms:.2f} ms, host until return {host_ms:.2f} ms, "
-                  f"queued {queued:.2f} ms")
+            print(f"\n=== {name}: wall {wall_ms:.2f} ms, GPU kernels {gpu_ms:.2f} ms, host until return {host_ms:.2f} ms")
             kinds = {}
             for e in kernels:
                 kinds[kind(e.key)] = kinds.get(kind(e.key), 0.0) + e.self_device_time_total / 1e3
@@ -106,12 +77,12 @@ def main():
             print(events.table(sort_by="self_cpu_time_total", row_limit=args.rows, max_name_column_width=70))
             if args.out:
                 prof.export_chrome_trace(f"{args.out}/trace_{name.replace(' ', '_')}.json")
-            summary.append((name, wall_ms, gpu_ms, host_ms, queued))
+            summary.append((name, wall_ms, gpu_ms, host_ms))
             del q, k, v, grad, extra
             torch.cuda.empty_cache()
-    print(f"\n{'case':28s} {'wall ms':>8s} {'GPU ms':>8s} {'host ms':>8s} {'queued':>8s}")
-    for name, wall, gpu, host, queued in summary:
-        print(f"{name:28s} {wall:8.2f} {gpu:8.2f} {host:8.2f} {queued:8.2f}")
+    print(f"\n{'case':28s} {'wall ms':>8s} {'GPU ms':>8s} {'host ms':>8s}")
+    for name, wall, gpu, host in summary:
+        print(f"{name:28s} {wall:8.2f} {gpu:8.2f} {host:8.2f}")
 
 
 if __name__ == "__main__":
