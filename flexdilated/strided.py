@@ -11,9 +11,10 @@ by one). In it the pattern is dense (SPEC §1: ``p // w == t // w`` and p, t sha
 with ``excluded`` the pairs an earlier pattern claims under ``overlap="set"`` (`spec.Branch.earlier`). The block
 tables of one segment (`masks._block_tables`) serve every segment and every N.
 
-One compiled function runs every class's flex call, puts the class outputs and LSEs back in natural order
-(`_place_all`: rows padded to ceil(w / r), concatenated, interleaved, cut to w: Inductor turns it into masked
-loads) and merges the patterns by LSE (`merge.py`) in one fused kernel. It takes q, k, v (B, H, N, D) and cuts the
+One compiled function runs every class's flex call, puts the class LSEs back in natural order (`_place_all`: rows
+padded to ceil(w / r), concatenated, interleaved, cut to w: Inductor turns it into masked loads), merges them
+(`merge.py`), and weights each class output by its merge weight (`_class_view`) before placing and summing them in
+one fused kernel (with heads="grouped" the placed outputs are concatenated instead, `_head_spans`). It takes q, k, v (B, H, N, D) and cuts the
 C whole chunks of the largest segment W itself: N (and B where it folds into flex's segments) is the dynamic size,
 so one compilation serves every N.
 """
@@ -453,24 +454,25 @@ def _strided_attention(q, k, v, W: int, classes: tuple[HeadClass, ...], tables, 
             o, lse = (torch.cat(x) if B > 1 else x[0] for x in zip(*parts))
         by_pattern.setdefault(cls.pattern, []).append((cls, o, lse))
     spans = _head_spans(by_pattern, H)  # each pattern on its own heads, or on all H
-    lses, outs, placements = [], [], []
+    lses, placed = [], []  # per pattern: its LSE in natural order; how to place its classes' results, and them
     for first, stop, pattern in spans or [(0, H, pattern) for pattern in by_pattern]:
         parts = by_pattern[pattern]
         w, r = parts[0][0].branch.segment, parts[0][0].branch.rate
-        place = _place_all if _is_all([c for c, _, _ in parts], H, r) else functools.partial(_place, first=first)
-        lses.append(place([(c, lse.to(acc)) for c, _, lse in parts], stop - first, w, r, float("-inf")))
-        if spans is not None:
-            outs.append(place([(c, o) for c, o, _ in parts], stop - first, w, r, 0.0))
-        placements.append((place, w, r, pattern))
+        at = dict(num_heads=stop - first, segment=w, rate=r)
+        place = functools.partial(_place_all, **at) if _is_all([c for c, _, _ in parts], H, r) else \
+            functools.partial(_place, **at, first=first)
+        lses.append(place([(c, lse.to(acc)) for c, _, lse in parts], fill=float("-inf")))
+        placed.append((place, parts))
     if spans is not None:  # every head in one pattern (heads="grouped"): its result as it is, nothing to merge
-        merged, lse, weights = torch.cat(outs, 1), torch.cat(lses, 1), []
-    else:  # each class output weighted in its own layout (in acc: the weights' dtype), then placed: the backward
-        # reads flex's saved outputs, where a cast or a placement would be saved beside them (NOTES attempt 16)
+        merged = torch.cat([place([(c, o) for c, o, _ in parts], fill=0.0) for place, parts in placed], 1)
+        lse, weights = torch.cat(lses, 1), []
+    else:  # each class output weighted in its own layout, then placed: the backward keeps flex's class outputs
+        # only, not also their placed copies (or float32 casts: o * weight computes in the weights' dtype)
         lse = merge_lse(lses)
         weights = [merge_weight(part, lse) for part in lses]
         merged = sum(
-            place([(c, o * _class_view(weight, c)[..., None]) for c, o, _ in by_pattern[pattern]], H, w, r, 0.0)
-            for (place, w, r, pattern), weight in zip(placements, weights)
+            place([(c, o * _class_view(weight, c)[..., None]) for c, o, _ in parts], fill=0.0)
+            for (place, parts), weight in zip(placed, weights)
         ).to(q.dtype)
     if out is None:
         return merged, lse, *weights
