@@ -119,28 +119,35 @@ def test_strided_route_matches_reference(problem):
     torch.testing.assert_close(lse[reached].float(), ref_lse[reached], rtol=1e-6, atol=1e-6)
 
 
-@settings(max_examples=15)  # eager flex's backward on CPU is dense and slow: ≈ 5 s an example
+def assert_gradients_match(out, lse, ref, ref_lse, xs, seed):
+    """The gradients of q, k and v through (out, lse) equal those through the reference's (ref, ref_lse), for random
+    cotangents: to 1e-9 from the output, to 1e-5 from the LSE, which flex returns in float32 whatever the inputs'
+    dtype."""
+    gen = torch.Generator().manual_seed(seed + 1)
+    grad_out = torch.randn(ref.shape, generator=gen, dtype=ref.dtype)
+    grad_lse = torch.randn(ref_lse.shape, generator=gen, dtype=ref.dtype)
+    reached = ref_lse > float("-inf")
+    for loss, ref_loss, tol in (((out * grad_out).sum(), (ref * grad_out).sum(), 1e-9),
+                                ((lse[reached] * grad_lse[reached]).sum(), (ref_lse[reached] * grad_lse[reached]).sum(), 1e-5)):
+        got = torch.autograd.grad(loss, xs, retain_graph=True, allow_unused=True)
+        want = torch.autograd.grad(ref_loss, xs, retain_graph=True, allow_unused=True)
+        for a, b, x in zip(got, want, xs):  # v: none from the LSE (zeros, or not in the graph)
+            zero = torch.zeros_like(x)
+            torch.testing.assert_close(zero if a is None else a, zero if b is None else b, rtol=tol, atol=tol)
+
+
+@settings(max_examples=15)  # eager flex's backward on CPU is dense and slow: ≈ 3 s an example
 @given(strided_problems())
 def test_strided_route_gradients_match_reference(problem):
-    """Gradients of q, k and v through the route (flex's own backward, run eagerly here, honouring the block
-    tables; the placement and the merge differentiated by autograd) equal the float64 reference's: to 1e-9 from
-    the output, to 1e-5 from the LSE, which flex returns in float32 whatever the inputs' dtype."""
+    """Gradients through the route (flex's own backward, run eagerly here, honouring the block tables; the
+    placement and the merge differentiated by autograd) equal the float64 reference's."""
     spec, B, H, Hkv, N, _, seed = problem
     assume(strided_classes(torch.empty(B, H, N, 16), torch.empty(B, Hkv, N, 16), spec) is not None)
     q, k, v = (x.requires_grad_() for x in inputs(B, H, Hkv, N, 16, seed, "bhnd"))
     with mock.patch.object(torch.nn.attention.flex_attention, "_validate_device", lambda *a: None):  # CPU: grad
         out, lse = run_strided(q, k, v, spec)
     ref, ref_lse = reference_dilated_attention(q, k, v, spec, scale=0.5, return_lse=True)
-    gen = torch.Generator().manual_seed(seed + 1)
-    grad_out, grad_lse = torch.randn(ref.shape, generator=gen, dtype=ref.dtype), torch.randn(ref_lse.shape, generator=gen, dtype=ref.dtype)
-    reached = ref_lse > float("-inf")
-    for loss, ref_loss, tol in (((out * grad_out).sum(), (ref * grad_out).sum(), 1e-9),
-                                ((lse[reached] * grad_lse[reached]).sum(), (ref_lse[reached] * grad_lse[reached]).sum(), 1e-5)):
-        got = torch.autograd.grad(loss, (q, k, v), retain_graph=True, allow_unused=True)
-        want = torch.autograd.grad(ref_loss, (q, k, v), retain_graph=True, allow_unused=True)
-        for a, b, x in zip(got, want, (q, k, v)):  # v: none from the LSE (zeros, or not in the graph)
-            zero = torch.zeros_like(x)
-            torch.testing.assert_close(zero if a is None else a, zero if b is None else b, rtol=tol, atol=tol)
+    assert_gradients_match(out, lse, ref, ref_lse, (q, k, v), seed)
 
 
 def test_rows_no_pattern_reaches_are_zero():
@@ -230,8 +237,8 @@ def test_equal_patterns_are_merged_as_two(overlap):
 
 @contextmanager
 def cuda_dispatch_eagerly():
-    """`dilated_attention`'s CUDA dispatch run eagerly on CPU (eager flex honouring the block tables, forward
-    only)."""
+    """`dilated_attention`'s CUDA dispatch run eagerly on CPU (eager flex honouring the block tables; its device
+    check lifted, so that it runs the backward too)."""
     import flexdilated.attention as attention
     import flexdilated.kernels as kernels
     from torch.nn.attention.flex_attention import AuxRequest, flex_attention
@@ -243,7 +250,8 @@ def cuda_dispatch_eagerly():
     with mock.patch.object(attention, "_use_flex", lambda x: True), \
             mock.patch.object(kernels, "_flex", eager_flex), \
             mock.patch.object(strided, "_compiled", strided._strided_attention), \
-            mock.patch.object(strided, "flex_attention", flex_honouring_tables):
+            mock.patch.object(strided, "flex_attention", flex_honouring_tables), \
+            mock.patch.object(torch.nn.attention.flex_attention, "_validate_device", lambda *a: None):
         yield
 
 
@@ -323,6 +331,40 @@ def test_backward_saves_the_class_outputs_not_their_placed_copies(monkeypatch):
     assert class_outputs <= kept <= class_outputs + 12 * row_bytes, kept / q.nbytes
 
 
+def key_padding(kind: str | None, B: int, N: int, seed: int) -> torch.Tensor | None:
+    """A (B, N) key_padding_mask: None; "holes": random keys, and the end of the last row; "ends": rows padded on the
+    right or the left, by random lengths (some rows all padding)."""
+    gen = torch.Generator().manual_seed(seed)
+    if kind == "holes":
+        pad = torch.rand(B, N, generator=gen) < 0.3
+        pad[-1, N // 2 :] = True
+        return pad
+    if kind == "ends":
+        cut = torch.randint(0, N + 1, (B, 1), generator=gen)
+        j = torch.arange(N)
+        return torch.where(torch.rand(B, 1, generator=gen) < 0.5, j >= cut, j < cut)
+    return None
+
+
+@settings(max_examples=12)  # eager flex's backward on CPU is dense and slow
+@given(strided_problems(), st.integers(1, 10**6), st.sampled_from(["bhnd", "bnhd"]),
+       st.sampled_from([None, "holes", "ends"]))
+def test_dispatch_gradients_match_reference(problem, tail, layout, padded):
+    """Gradients through `dilated_attention`'s CUDA dispatch (run eagerly here): the strided route on the whole
+    chunks (the batch folded into flex's heads or segments, padded key blocks skipped) and the gather route on the
+    tail, together, equal the float64 reference's."""
+    spec, B, H, Hkv, N, _, seed = problem
+    W = max(spec.segment_lengths)
+    N += tail % W
+    assume(strided_classes(torch.empty(B, H, N - N % W, 16), torch.empty(B, Hkv, N - N % W, 16), spec) is not None)
+    q, k, v = (x.requires_grad_() for x in inputs(B, H, Hkv, N, 16, seed, layout))
+    pad = key_padding(padded, B, N, seed)
+    with cuda_dispatch_eagerly():
+        out, lse = dilated_attention(q, k, v, spec, scale=0.5, return_lse=True, key_padding_mask=pad)
+    ref, ref_lse = reference_dilated_attention(q, k, v, spec, scale=0.5, return_lse=True, key_padding_mask=pad)
+    assert_gradients_match(out, lse, ref, ref_lse, (q, k, v), seed)
+
+
 @given(strided_problems(), st.integers(1, 10**6), st.sampled_from(["bhnd", "bnhd"]),
        st.sampled_from([None, "holes", "ends"]))
 @example((DilatedSpec((256,), (1,)), 2, 1, 1, 256, False, 0), 256, "bnhd", None)  # one head, one chunk, B 2
@@ -338,15 +380,7 @@ def test_any_length_layout_and_padding_on_the_strided_route(problem, tail, layou
     N += tail % W
     assume(strided_classes(torch.empty(B, H, N - N % W, 16), torch.empty(B, Hkv, N - N % W, 16), spec) is not None)
     q, k, v = inputs(B, H, Hkv, N, 16, seed, layout)
-    pad = None
-    gen = torch.Generator().manual_seed(seed)
-    if padded == "holes":  # random keys, and the end of the last row, as padding
-        pad = torch.rand(B, N, generator=gen) < 0.3
-        pad[-1, N // 2 :] = True
-    elif padded == "ends":  # rows padded on the right or the left, by random lengths (some rows all padding)
-        cut = torch.randint(0, N + 1, (B, 1), generator=gen)
-        j = torch.arange(N)
-        pad = torch.where(torch.rand(B, 1, generator=gen) < 0.5, j >= cut, j < cut)
+    pad = key_padding(padded, B, N, seed)
     taken, folds, keys = [], [], []
     fold = strided._batch_fold
     with cuda_dispatch_eagerly(), recording_keys(keys), \
