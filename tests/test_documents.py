@@ -3,12 +3,12 @@ each document alone — outputs, LSE and gradients, float64, with padding, causa
 
 import pytest
 import torch
-from hypothesis import assume, given
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from flexdilated import DilatedSpec, LongNetEncoder, LongNetLM, dilated_attention, reference_dilated_attention
 from test_attention import make_inputs, problems
-from test_strided import cuda_dispatch_eagerly, inputs, recording_keys, strided_problems
+from test_strided import assert_gradients_match, cuda_dispatch_eagerly, inputs, recording_keys, strided_problems
 
 
 @st.composite
@@ -82,6 +82,32 @@ def test_packed_route_matches_the_reference(problem, data, layout, padded):
     assert torch.equal(lse == float("-inf"), ref_lse == float("-inf"))
     reached = lse > float("-inf")
     torch.testing.assert_close(lse[reached], ref_lse[reached], rtol=1e-6, atol=1e-6)
+
+
+@settings(max_examples=12)  # eager flex's backward on CPU is dense and slow
+@given(strided_problems(), st.data(), st.sampled_from(["bhnd", "bnhd"]), st.booleans())
+def test_packed_route_gradients_match_the_reference(problem, data, layout, padded):
+    """Gradients through CUDA's packed route (run eagerly here: the aligned copies and their gathering backward,
+    the strided route over the aligned sequence with the gaps' key blocks skipped) equal the float64 reference's."""
+    from flexdilated.strided import strided_classes
+
+    spec, B, H, Hkv, N, _, seed = problem
+    W = max(spec.segment_lengths)
+    N += data.draw(st.integers(0, W - 1))
+    assume(strided_classes(torch.empty(1, H, W, 16), torch.empty(1, Hkv, W, 16), spec) is not None)
+    ids = torch.zeros(B, N, dtype=torch.int64)
+    for b in range(B):
+        for c in data.draw(st.sets(st.integers(1, N - 1), max_size=3)):
+            ids[b, c:] += 1
+    lengths = torch.unique_consecutive(ids + torch.arange(B)[:, None] * N, return_counts=True)[1]
+    assume(int((-(-lengths // W) * W).sum()) <= 2 * B * N)  # aligning at most doubles the tokens: the packed route
+    q, k, v = (x.requires_grad_() for x in inputs(B, H, Hkv, N, 16, seed, layout))
+    pad = torch.rand(B, N, generator=torch.Generator().manual_seed(seed)) < 0.3 if padded else None
+    with cuda_dispatch_eagerly():
+        out, lse = dilated_attention(q, k, v, spec, scale=0.5, return_lse=True, key_padding_mask=pad, document_ids=ids)
+    ref, ref_lse = reference_dilated_attention(q, k, v, spec, scale=0.5, return_lse=True, key_padding_mask=pad,
+                                               document_ids=ids)
+    assert_gradients_match(out, lse, ref, ref_lse, (q, k, v), seed)
 
 
 def test_each_document_as_if_alone():
