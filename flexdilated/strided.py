@@ -14,9 +14,9 @@ tables of one segment (`masks._block_tables`) serve every segment and every N.
 One compiled function runs every class's flex call, puts the class LSEs back in natural order (`_place_all`: rows
 padded to ceil(w / r), concatenated, interleaved, cut to w: Inductor turns it into masked loads), merges them
 (`merge.py`), and weights each class output by its merge weight (`_class_view`) before placing and summing them in
-one fused kernel (with heads="grouped" the placed outputs are concatenated instead, `_head_spans`). It takes q, k, v (B, H, N, D) and cuts the
-C whole chunks of the largest segment W itself: N (and B where it folds into flex's segments) is the dynamic size,
-so one compilation serves every N.
+one fused kernel (with heads="grouped" the placed outputs are concatenated instead, `_head_spans`). It takes q, k,
+v (B, H, N, D) and cuts the C whole chunks of the largest segment W itself: N (and B where it folds into flex's
+segments) is the dynamic size, so one compilation serves every N.
 """
 
 from __future__ import annotations

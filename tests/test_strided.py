@@ -127,8 +127,9 @@ def assert_gradients_match(out, lse, ref, ref_lse, xs, seed):
     grad_out = torch.randn(ref.shape, generator=gen, dtype=ref.dtype)
     grad_lse = torch.randn(ref_lse.shape, generator=gen, dtype=ref.dtype)
     reached = ref_lse > float("-inf")
-    for loss, ref_loss, tol in (((out * grad_out).sum(), (ref * grad_out).sum(), 1e-9),
-                                ((lse[reached] * grad_lse[reached]).sum(), (ref_lse[reached] * grad_lse[reached]).sum(), 1e-5)):
+    from_out = (out * grad_out).sum(), (ref * grad_out).sum(), 1e-9
+    from_lse = (lse[reached] * grad_lse[reached]).sum(), (ref_lse[reached] * grad_lse[reached]).sum(), 1e-5
+    for loss, ref_loss, tol in (from_out, from_lse):
         got = torch.autograd.grad(loss, xs, retain_graph=True, allow_unused=True)
         want = torch.autograd.grad(ref_loss, xs, retain_graph=True, allow_unused=True)
         for a, b, x in zip(got, want, xs):  # v: none from the LSE (zeros, or not in the graph)
