@@ -186,14 +186,10 @@ def _place_all(parts: list[tuple[HeadClass, torch.Tensor]], num_heads: int, segm
 
 
 def _class_view(x: torch.Tensor, cls: HeadClass) -> torch.Tensor:
-    """The inverse of `_place` for one class: x (B, H, S*w) in natural order -> its rows (B, n, S, L), a view (a
-    copy when r does not divide w): row i of offset o is position ``i*r + o`` of its segment."""
-    w, r = cls.branch.segment, cls.branch.rate
-    rows = -(-w // r)
+    """The inverse of `_place` for one class, as `_folded_view` reads q: x (B, H, S*w) in natural order -> its rows
+    (B, n, S, L), a view: row i of offset o is position ``i*r + o`` of its segment."""
     start, stop, step = cls.q_heads
-    x = x[:, start:stop:step].unflatten(2, (-1, w))
-    x = x if rows * r == w else F.pad(x, (0, rows * r - w))
-    return x.unflatten(3, (rows, r))[..., cls.offset][..., : -(-(w - cls.offset) // r)]
+    return x[:, start:stop:step].unflatten(2, (-1, cls.branch.segment))[..., cls.offset :: cls.branch.rate]
 
 
 def _head_spans(by_pattern: dict[int, list], num_heads: int) -> list[tuple[int, int, int]] | None:
