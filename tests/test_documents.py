@@ -47,14 +47,9 @@ def test_documents_match_the_reference(problem):
         torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-10)
 
 
-@given(strided_problems(), st.data(), st.sampled_from(["bhnd", "bnhd"]), st.booleans())
-def test_packed_route_matches_the_reference(problem, data, layout, padded):
-    """CUDA's packed route (run eagerly here): the documents aligned to whole chunks in one sequence, the strided
-    route over it with the gaps' key blocks skipped; taken whenever aligning at most doubles the tokens."""
-    from unittest import mock
-
-    import flexdilated.attention as attention
-    import flexdilated.documents as documents
+def packed_problem(problem, data):
+    """A strided problem (`strided_problems`) lengthened by a partial chunk, with (B, N) document ids: up to 3
+    document boundaries per row. Returns spec, B, H, Hkv, N, seed, W, ids."""
     from flexdilated.strided import strided_classes
 
     spec, B, H, Hkv, N, _, seed = problem
@@ -65,6 +60,26 @@ def test_packed_route_matches_the_reference(problem, data, layout, padded):
     for b in range(B):
         for c in data.draw(st.sets(st.integers(1, N - 1), max_size=3)):
             ids[b, c:] += 1
+    return spec, B, H, Hkv, N, seed, W, ids
+
+
+def aligned_fits(ids: torch.Tensor, W: int) -> bool:
+    """Whether aligning every document to whole chunks of W at most doubles the tokens (then the packed route runs)."""
+    B, N = ids.shape
+    lengths = torch.unique_consecutive(ids + torch.arange(B)[:, None] * N, return_counts=True)[1]
+    return int((-(-lengths // W) * W).sum()) <= 2 * B * N
+
+
+@given(strided_problems(), st.data(), st.sampled_from(["bhnd", "bnhd"]), st.booleans())
+def test_packed_route_matches_the_reference(problem, data, layout, padded):
+    """CUDA's packed route (run eagerly here): the documents aligned to whole chunks in one sequence, the strided
+    route over it with the gaps' key blocks skipped; taken whenever aligning at most doubles the tokens."""
+    from unittest import mock
+
+    import flexdilated.attention as attention
+    import flexdilated.documents as documents
+
+    spec, B, H, Hkv, N, seed, W, ids = packed_problem(problem, data)
     q, k, v = inputs(B, H, Hkv, N, 16, seed, layout)
     pad = torch.rand(B, N, generator=torch.Generator().manual_seed(seed)) < 0.3 if padded else None
     results, keys = [], []
@@ -72,8 +87,7 @@ def test_packed_route_matches_the_reference(problem, data, layout, padded):
     with cuda_dispatch_eagerly(), recording_keys(keys), \
             mock.patch.object(attention, "packed_attention", lambda *a: results.append(packed(*a)) or results[-1]):
         out, lse = dilated_attention(q, k, v, spec, scale=0.5, return_lse=True, key_padding_mask=pad, document_ids=ids)
-    lengths = torch.unique_consecutive(ids + torch.arange(B)[:, None] * N, return_counts=True)[1]
-    assert (results[0] is not None) == (int((-(-lengths // W) * W).sum()) <= 2 * B * N)
+    assert (results[0] is not None) == aligned_fits(ids, W)
     if results[0] is not None and not padded:  # each document a prefix of its aligned chunks: key bounds, no flags
         assert keys == [torch.int32]
     ref, ref_lse = reference_dilated_attention(q, k, v, spec, scale=0.5, return_lse=True, key_padding_mask=pad,
@@ -89,18 +103,8 @@ def test_packed_route_matches_the_reference(problem, data, layout, padded):
 def test_packed_route_gradients_match_the_reference(problem, data, layout, padded):
     """Gradients through CUDA's packed route (run eagerly here: the aligned copies and their gathering backward,
     the strided route over the aligned sequence with the gaps' key blocks skipped) equal the float64 reference's."""
-    from flexdilated.strided import strided_classes
-
-    spec, B, H, Hkv, N, _, seed = problem
-    W = max(spec.segment_lengths)
-    N += data.draw(st.integers(0, W - 1))
-    assume(strided_classes(torch.empty(1, H, W, 16), torch.empty(1, Hkv, W, 16), spec) is not None)
-    ids = torch.zeros(B, N, dtype=torch.int64)
-    for b in range(B):
-        for c in data.draw(st.sets(st.integers(1, N - 1), max_size=3)):
-            ids[b, c:] += 1
-    lengths = torch.unique_consecutive(ids + torch.arange(B)[:, None] * N, return_counts=True)[1]
-    assume(int((-(-lengths // W) * W).sum()) <= 2 * B * N)  # aligning at most doubles the tokens: the packed route
+    spec, B, H, Hkv, N, seed, W, ids = packed_problem(problem, data)
+    assume(aligned_fits(ids, W))
     q, k, v = (x.requires_grad_() for x in inputs(B, H, Hkv, N, 16, seed, layout))
     pad = torch.rand(B, N, generator=torch.Generator().manual_seed(seed)) < 0.3 if padded else None
     with cuda_dispatch_eagerly():
