@@ -185,24 +185,11 @@ def _place_all(parts: list[tuple[HeadClass, torch.Tensor]], num_heads: int, segm
     return _natural(torch.where(keep, x.unsqueeze(4), fill), segment)
 
 
-def _every(x: torch.Tensor, dim: int, start: int, stop: int, step: int) -> torch.Tensor:
-    """``x[start:stop:step]`` along ``dim``, a view. Where whole steps fit in x it is taken as an unflatten by
-    ``step`` and a select of ``start % step``: the same view, but its gradient Inductor indexes by
-    ``i // step`` and ``i % step``, not by ``floor((i - start) / step)`` of a number that may be negative, whose
-    loads it does not vectorise (dq of B 8 from its classes: 0.39 ms -> see NOTES attempt 17)."""
-    first, count = start - start % step, -(-(stop - start) // step)
-    steps = -(-(stop - first) // step)
-    if first + steps * step > x.shape[dim]:
-        return x.narrow(dim, start, stop - start)[(slice(None),) * dim + (slice(None, None, step),)]
-    x = x.narrow(dim, first, steps * step).unflatten(dim, (steps, step)).select(dim + 1, start % step)
-    return x.narrow(dim, 0, count)
-
-
 def _class_view(x: torch.Tensor, cls: HeadClass) -> torch.Tensor:
     """The inverse of `_place` for one class, as `_folded_view` reads q: x (B, H, S*w) in natural order -> its rows
     (B, n, S, L), a view: row i of offset o is position ``i*r + o`` of its segment."""
-    w, r = cls.branch.segment, cls.branch.rate
-    return _every(_every(x, 1, *cls.q_heads).unflatten(2, (-1, w)), 3, cls.offset, w, r)
+    start, stop, step = cls.q_heads
+    return x[:, start:stop:step].unflatten(2, (-1, cls.branch.segment))[..., cls.offset :: cls.branch.rate]
 
 
 def _head_spans(by_pattern: dict[int, list], num_heads: int) -> list[tuple[int, int, int]] | None:
@@ -253,10 +240,11 @@ def _batch_fold(q, k, v, cls: HeadClass) -> str | None:
 def _folded_view(x: torch.Tensor, heads: tuple[int, int, int], segment: int, rate: int, offset: int, fold: str):
     """(B, H, C, W, D) -> the class's rows as flex's (batch, heads, L, D), a view (the caller checked
     `_batch_fold`): (S, B * n, L, D) when the batch folds into the heads, (B * S, n, L, D) into the segments."""
-    x = _every(x, 1, *heads)  # (B, n, C, W, D)
+    start, stop, step = heads
+    x = x[:, start:stop:step]  # (B, n, C, W, D)
     x = x.flatten(0, 1) if fold == "heads" else x.transpose(0, 1).flatten(1, 2)  # (B*n, C, W, D) | (n, B*C, W, D)
     x = x.unflatten(2, (x.shape[2] // segment, segment)).flatten(1, 2)  # (., S', w, D)
-    return _every(x, 2, offset, segment, rate).transpose(0, 1)
+    return x[:, :, offset::rate].transpose(0, 1)
 
 
 def _unfold(x: torch.Tensor, batch: int, fold: str) -> torch.Tensor:
