@@ -386,62 +386,14 @@ def _flex_tables(tables, keys, fold: str, batch: int, n: int):
     return tuple(x for pair in zip(*out) for x in pair), keys if fold == "heads" else keys.flatten(0, 1)
 
 
-class _PatternViews(torch.autograd.Function):
-    """The folded views (`_folded_view`) of x (B, Hx, C, W, D) for the classes of one pattern of rate r that are
-    ``c, c + r, ...`` with offset c (`_is_all`), whose gradient is their gradients placed as the merge places the
-    outputs (`_place_all`). Autograd's own gradient of the views is a sum of zero-padded strided slices, which
-    Inductor indexes by ``floor((i - o) / r)``: 0.40 ms against 0.28 for dq at B 8 (`perf/NOTES.md` attempt 17)."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, classes: tuple[HeadClass, ...], fold: str):
-        ctx.classes, ctx.fold, ctx.shape = classes, fold, x.shape
-        w, r, H = classes[0].branch.segment, classes[0].branch.rate, x.shape[1]
-        return tuple(_folded_view(x, (c.offset, H - r + c.offset + 1, r), w, r, c.offset, fold) for c in classes)
-
-    @staticmethod
-    def backward(ctx, *grads):
-        B, H = ctx.shape[:2]
-        branch = ctx.classes[0].branch
-        parts = [(c, _unfold(g, B, ctx.fold)) for c, g in zip(ctx.classes, grads)]
-        placed = _place_all(parts, num_heads=H, segment=branch.segment, rate=branch.rate, fill=0.0)
-        return placed.reshape(ctx.shape), None, None
-
-
-def _class_views(q, k, v, classes: tuple[HeadClass, ...]) -> dict[int, tuple]:
-    """The folded views of q, k, v (B, H, C, W, D) of each class (by its index) of the patterns whose classes are
-    ``c, c + r, ...`` with offset c and whose batch folds, taken by `_PatternViews` (k and v too when they have H
-    heads); the other classes' views `_folded_flex` takes itself."""
-    H = q.shape[1]
-    by_pattern: dict[int, list[int]] = {}
-    for i, cls in enumerate(classes):
-        by_pattern.setdefault(cls.pattern, []).append(i)
-    out = {}
-    for at in by_pattern.values():
-        group = tuple(classes[i] for i in at)
-        folds = {_batch_fold(q, k, v, cls) for cls in group}
-        if not _is_all(list(group), H, group[0].branch.rate) or len(folds) != 1 or None in folds:
-            continue
-        fold = folds.pop()
-        qs = _PatternViews.apply(q, group, fold)
-        if k.shape[1] == H:
-            ks, vs = _PatternViews.apply(k, group, fold), _PatternViews.apply(v, group, fold)
-        else:
-            ks, vs = ([_folded_view(x, c.kv_heads, c.branch.segment, c.branch.rate, c.offset, fold) for c in group]
-                      for x in (k, v))
-        out.update((i, views) for i, views in zip(at, zip(qs, ks, vs)))
-    return out
-
-
-def _folded_flex(q, k, v, cls: HeadClass, local, causal: bool, scale: float, fold: str, valid=None, views=None):
-    """Flex on the class's folded views of q, k, v (B, H, C, W, D) (or on ``views`` of them, `_class_views`), the
-    whole batch in one call: out (B, n, S, L, D), lse (B, n, S, L). ``valid``: the class's tables and keys from
-    `_validity` (keys that do not count masked, their blocks skipped)."""
+def _folded_flex(q, k, v, cls: HeadClass, local, causal: bool, scale: float, fold: str, valid=None):
+    """Flex on the class's folded views of q, k, v (B, H, C, W, D), the whole batch in one call:
+    out (B, n, S, L, D), lse (B, n, S, L). ``valid``: the class's tables and keys from `_validity` (keys that do not
+    count masked, their blocks skipped)."""
     r, w = cls.branch.rate, cls.branch.segment
     B = q.shape[0]
-    if views is None:
-        views = (_folded_view(q, cls.q_heads, w, r, cls.offset, fold),
-                 *(_folded_view(x, cls.kv_heads, w, r, cls.offset, fold) for x in (k, v)))
-    qc, kc, vc = views
+    qc = _folded_view(q, cls.q_heads, w, r, cls.offset, fold)
+    kc, vc = (_folded_view(x, cls.kv_heads, w, r, cls.offset, fold) for x in (k, v))
     L = qc.shape[2]
     mask_mod = _segment_mask_mod(cls, causal, q.device)
     if valid is not None:
@@ -485,11 +437,10 @@ def _strided_attention(q, k, v, W: int, classes: tuple[HeadClass, ...], tables, 
     B, H, C, W, D = q.shape
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     by_pattern: dict[int, list] = {}
-    views = _class_views(q, k, v, classes)
     for i, (cls, index) in enumerate(zip(classes, table_index)):
         fold = _batch_fold(q, k, v, cls)
         if fold is not None:
-            o, lse = _folded_flex(q, k, v, cls, tables[index], causal, scale, fold, valid and valid[i][0], views.get(i))
+            o, lse = _folded_flex(q, k, v, cls, tables[index], causal, scale, fold, valid and valid[i][0])
         else:  # one call per batch entry (the batch size is then no dynamic size)
             parts = [
                 _folded_flex(*(x[b : b + 1] for x in (q, k, v)), cls, tables[index], causal, scale, "heads",
