@@ -8,7 +8,8 @@ from hypothesis import strategies as st
 
 from flexdilated import DilatedSpec, LongNetEncoder, LongNetLM, dilated_attention, reference_dilated_attention
 from test_attention import make_inputs, problems
-from test_strided import assert_gradients_match, cuda_dispatch_eagerly, inputs, recording_keys, strided_problems
+from test_strided import (assert_gradients_match, cuda_dispatch_eagerly, inputs, recording_keys, strided_problems,
+                          takes_strided_route)
 
 
 @st.composite
@@ -50,12 +51,10 @@ def test_documents_match_the_reference(problem):
 def packed_problem(problem, data):
     """A strided problem (`strided_problems`) lengthened by a partial chunk, with (B, N) document ids: up to 3
     document boundaries per row. Returns spec, B, H, Hkv, N, seed, W, ids."""
-    from flexdilated.strided import strided_classes
-
     spec, B, H, Hkv, N, _, seed = problem
     W = max(spec.segment_lengths)
     N += data.draw(st.integers(0, W - 1))
-    assume(strided_classes(torch.empty(1, H, W, 16), torch.empty(1, Hkv, W, 16), spec) is not None)
+    assume(takes_strided_route(spec, 1, H, Hkv, W))
     ids = torch.zeros(B, N, dtype=torch.int64)
     for b in range(B):
         for c in data.draw(st.sets(st.integers(1, N - 1), max_size=3)):

@@ -101,10 +101,16 @@ def run_in_groups(q, k, v, spec, slab_chunks, scale=0.5):
         return strided.strided_attention(q, k, v, spec, classes, scale)
 
 
+def takes_strided_route(spec: DilatedSpec, B: int, H: int, Hkv: int, N: int) -> bool:
+    """Whether the whole chunks of (B, H, N) queries and (B, Hkv, N) keys take the strided route."""
+    N -= N % max(spec.segment_lengths)
+    return strided_classes(torch.empty(B, H, N, 16), torch.empty(B, Hkv, N, 16), spec) is not None
+
+
 @given(strided_problems())
 def test_strided_route_matches_reference(problem):
     spec, B, H, Hkv, N, in_groups, seed = problem
-    assume(strided_classes(torch.empty(B, H, N, 16), torch.empty(B, Hkv, N, 16), spec) is not None)
+    assume(takes_strided_route(spec, B, H, Hkv, N))
     gen = torch.Generator().manual_seed(seed)
     q = torch.randn(B, H, N, 16, generator=gen, dtype=torch.float64)
     k, v = (torch.randn(B, Hkv, N, 16, generator=gen, dtype=torch.float64) for _ in range(2))
@@ -143,7 +149,7 @@ def test_strided_route_gradients_match_reference(problem):
     """Gradients through the route (flex's own backward, run eagerly here, honouring the block tables; the
     placement and the merge differentiated by autograd) equal the float64 reference's."""
     spec, B, H, Hkv, N, _, seed = problem
-    assume(strided_classes(torch.empty(B, H, N, 16), torch.empty(B, Hkv, N, 16), spec) is not None)
+    assume(takes_strided_route(spec, B, H, Hkv, N))
     q, k, v = (x.requires_grad_() for x in inputs(B, H, Hkv, N, 16, seed, "bhnd"))
     with mock.patch.object(torch.nn.attention.flex_attention, "_validate_device", lambda *a: None):  # CPU: grad
         out, lse = run_strided(q, k, v, spec)
@@ -357,7 +363,7 @@ def test_dispatch_gradients_match_reference(problem, tail, layout, padded):
     spec, B, H, Hkv, N, _, seed = problem
     W = max(spec.segment_lengths)
     N += tail % W
-    assume(strided_classes(torch.empty(B, H, N - N % W, 16), torch.empty(B, Hkv, N - N % W, 16), spec) is not None)
+    assume(takes_strided_route(spec, B, H, Hkv, N))
     q, k, v = (x.requires_grad_() for x in inputs(B, H, Hkv, N, 16, seed, layout))
     pad = key_padding(padded, B, N, seed)
     with cuda_dispatch_eagerly():
@@ -379,7 +385,7 @@ def test_any_length_layout_and_padding_on_the_strided_route(problem, tail, layou
     spec, B, H, Hkv, N, _, seed = problem
     W = max(spec.segment_lengths)
     N += tail % W
-    assume(strided_classes(torch.empty(B, H, N - N % W, 16), torch.empty(B, Hkv, N - N % W, 16), spec) is not None)
+    assume(takes_strided_route(spec, B, H, Hkv, N))
     q, k, v = inputs(B, H, Hkv, N, 16, seed, layout)
     pad = key_padding(padded, B, N, seed)
     taken, folds, keys = [], [], []
