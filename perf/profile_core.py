@@ -71,7 +71,8 @@ def main():
             print(f"\n=== {name}: wall {wall_ms:.2f} ms, GPU kernels {gpu_ms:.2f} ms, host until return {host_ms:.2f} ms")
             kinds = {}
             for e in kernels:
-                kinds[kind(e.key)] = kinds.get(kind(e.key), 0.0) + e.self_device_time_total / 1e3
+                what = kind(e.key)
+                kinds[what] = kinds.get(what, 0.0) + e.self_device_time_total / 1e3
             print("  ".join(f"{k} {ms:.2f} ms" for k, ms in sorted(kinds.items()) if ms > 0))
             print(events.table(sort_by="self_device_time_total", row_limit=args.rows, max_name_column_width=70))
             print(events.table(sort_by="self_cpu_time_total", row_limit=args.rows, max_name_column_width=70))
