@@ -156,10 +156,10 @@ def routed_attention(q, k, v, spec: DilatedSpec, scale: float, key_padding_mask=
     classes = strided_classes(q[:, :, :whole], k[:, :, :whole], spec) if whole else None
     if classes is not None:  # the strided route on whole chunks of the largest segment
         key_ok = None if key_padding_mask is None else ~key_padding_mask
-        out, lse = strided_attention(q, k, v, spec, classes, scale, key_ok)  # the whole chunks
+        out, lse, tail = strided_attention(q, k, v, spec, classes, scale, key_ok)  # the whole chunks
         if whole < N:  # chunks are independent: the last, partial one alone on the gather route
             pad = None if key_padding_mask is None else key_padding_mask[:, whole:]
-            tail, tail_lse = _attention(*(x[:, :, whole:] for x in (q, k, v)), spec, scale, pad)
+            tail, tail_lse = _attention(*tail, spec, scale, pad)
             out, lse = torch.cat((out, tail), 2), torch.cat((lse.to(tail_lse.dtype), tail_lse), 2)
         return out, lse
     slab = slab_length(spec, B * H * D, N)

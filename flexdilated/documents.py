@@ -122,7 +122,7 @@ def packed_attention(q, k, v, ids: torch.Tensor, spec: DilatedSpec, scale: float
     places = _places(at, B, H, total)  # of q's tokens (and out's, LSE's); k's and v's with their own heads
     kv_places = places if k.shape[1] == H else _places(at, B, k.shape[1], total)
     aligned = [_Align.apply(x, src, p) for x, p in ((q, places), (k, kv_places), (v, kv_places))]
-    out, lse = strided_attention(*aligned, spec, classes, scale, keys, rows)
+    out, lse, _ = strided_attention(*aligned, spec, classes, scale, keys, rows)  # aligned: whole chunks, no tail
     return _Unalign.apply(out, places, B), _Unalign.apply(lse[..., None], places, B)[..., 0]
 
 

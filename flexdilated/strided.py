@@ -423,16 +423,23 @@ def _chunks(x: torch.Tensor, W: int, dim: int) -> torch.Tensor:
 
 def _strided_attention(q, k, v, W: int, classes: tuple[HeadClass, ...], tables, table_index, causal: bool,
                        scale: float, out: torch.Tensor | None = None, valid=None):
-    """q (B, H, N, D), k, v (B, Hkv, N, D) -> (out (B, H, C*W, D), lse (B, H, C*W), *merge weights) of the C whole
-    chunks of the largest segment W (the spec's: with grouped heads a pattern may have no class). They are cut and
-    viewed as (B, H, C, W, D) here, inside the graph, so that their strides are expressions of N, which Inductor
-    proves 16-aligned (a prefix view passed in carries strides of its own; as free symbols they cost flex's kernels
-    their aligned loads: 34.3 vs 22.3 ms at 1M, `perf/NOTES.md` attempt 12).
+    """q (B, H, N, D), k, v (B, Hkv, N, D) -> (out (B, H, C*W, D), lse (B, H, C*W), q, k, v's last W tokens,
+    *merge weights) of the C whole chunks of the largest segment W (the spec's: with grouped heads a pattern may have
+    no class). They are cut and viewed as (B, H, C, W, D) here, inside the graph, so that their strides are
+    expressions of N, which Inductor proves 16-aligned (a prefix view passed in carries strides of its own; as free
+    symbols they cost flex's kernels their aligned loads: 34.3 vs 22.3 ms at 1M, `perf/NOTES.md` attempt 12).
+
+    Where N % W != 0 the last W tokens are copied out for the gather route, which attends the tail (the last N - C*W
+    of them; empty copies otherwise): the tail's gradients then join the chunks' in the one kernel that writes dq
+    (dk, dv), where a slice of q taken outside would add a full-size gradient of its own (`perf/NOTES.md` attempt
+    18). W tokens, not N - C*W: a copy of symbolic length would guard on that length being 0 or 1 (a compile each).
 
     ``valid``: `_validity` of the keys (and rows) that count, e.g. padding or packed documents.
     With ``out`` given (inference in slabs), the result is written into it. The merge weights (none for grouped
     heads, `_head_spans`) are returned only so that Inductor computes them once per row: inlined into the output
     kernel they cost an exp per element (2.25 -> 1.40 ms at N = 2**20, `perf/NOTES.md`)."""
+    lasts = [x[:, :, x.shape[2] - W :].clone() if x.shape[2] % W else x.new_empty(*x.shape[:2], 0, x.shape[3])
+             for x in (q, k, v)]  # W long: no guard on the tail's length (N % W == 0 or not: one anyway)
     q, k, v = (_chunks(x, W, 2) for x in (q, k, v))
     B, H, C, W, D = q.shape
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -471,9 +478,9 @@ def _strided_attention(q, k, v, W: int, classes: tuple[HeadClass, ...], tables, 
             for (place, parts), weight in zip(placed, weights)
         ).to(q.dtype)
     if out is None:
-        return merged, lse, *weights
+        return merged, lse, *lasts, *weights
     out.copy_(merged)
-    return out, lse, *weights
+    return out, lse, *lasts, *weights
 
 
 _compiled = torch.compile(_strided_attention, fullgraph=True)
@@ -491,7 +498,9 @@ def strided_attention(q, k, v, spec: DilatedSpec, classes: tuple[HeadClass, ...]
     q: per batch entry and group of heads, `_heads_per_call`), and when no gradient is needed and q has more than
     SLAB_ELEMENTS elements, one per slab of whole chunks, written in place.
     ``key_ok``: the keys that count, (B, N) bool token flags or (B, N // W, 2) bounds [first, last) of each chunk's
-    (one interval per chunk); ``row_ok``: the rows that count, the same way (see `_validity`)."""
+    (one interval per chunk); ``row_ok``: the rows that count, the same way (see `_validity`).
+    Returns (out, lse) of the whole chunks and (q, k, v) of the last N % W tokens, the tail, for the gather route:
+    copies made by the compiled call where there is one (their gradients join the chunks' in one kernel)."""
     B, H, N, D = q.shape
     W, g = max(spec.segment_lengths), H // k.shape[1]
     N -= N % W
@@ -512,21 +521,23 @@ def strided_attention(q, k, v, spec: DilatedSpec, classes: tuple[HeadClass, ...]
         results = [_call(q[b, hq], k[b, hk], v[b, hk], W, cls, spec.causal, scale, None, *flags(b))
                    for (b, hq, hk), cls in groups]
         if len(results) == 1:
-            return results[0]
-        return tuple(torch.cat(x, 1).view(B, H, *x[0].shape[2:]) for x in zip(*results))  # groups in (b, h) order
+            out, lse, *lasts = results[0]
+            return out, lse, [x[:, :, W - (q.shape[2] - N) :] for x in lasts]  # the tail, of the copies
+        out, lse = (torch.cat(x, 1).view(B, H, *x[0].shape[2:]) for x in list(zip(*results))[:2])  # (b, h) order
+        return out, lse, [x[:, :, N:] for x in (q, k, v)]
     out, lse = q.new_empty(B, H, N, D), q.new_empty(B, H, N, dtype=torch.float32)
     for (b, hq, hk), cls in groups:
         for a in range(0, N, slab * W):
             rows = slice(a, a + slab * W)
             part = q[b, hq, rows], k[b, hk, rows], v[b, hk, rows]
             lse[b, hq, rows] = _call(*part, W, cls, spec.causal, scale, out[b, hq, rows], *flags(b, rows))[1]
-    return out, lse
+    return out, lse, [x[:, :, N:] for x in (q, k, v)]
 
 
 def _call(q, k, v, W: int, classes: tuple[HeadClass, ...], causal: bool, scale: float, out=None, key_ok=None,
           row_ok=None):
     """One compiled `_strided_attention` on (B, H, N, D) tensors, and key and row flags (B, N) or bounds (B, C, 2)
-    (`strided_attention`): the first N - N % W tokens;
+    (`strided_attention`): (out, lse) of the first N - N % W tokens, and q, k, v's last N % W;
     traced in place under an enclosing torch.compile."""
     tables = _tables(classes, causal, q.device)
     valid = None
@@ -542,7 +553,7 @@ def _call(q, k, v, W: int, classes: tuple[HeadClass, ...], causal: bool, scale: 
         valid = _validity(*(_chunks(x, W, 2) for x in (q, k, v)), classes, causal, keys, rows)
     args = classes, *tables, causal, scale
     if torch.compiler.is_compiling():
-        return _strided_attention(q, k, v, W, *args, None, valid)[:2]
+        return _strided_attention(q, k, v, W, *args, None, valid)[:5]
     for x in (q, k, v):
         torch._dynamo.maybe_mark_dynamic(x, 2)  # the length: one kernel for every N
         torch._dynamo.maybe_mark_dynamic(x, 0)  # the batch size (dynamic where it folds into flex's segments)
@@ -552,7 +563,7 @@ def _call(q, k, v, W: int, classes: tuple[HeadClass, ...], causal: bool, scale: 
             torch._dynamo.maybe_mark_dynamic(x, 1)
     if out is not None:
         torch._dynamo.maybe_mark_dynamic(out, 2)
-    return compiled_call(_compiled, q, k, v, W, *args, out=out, valid=valid)[:2]
+    return compiled_call(_compiled, q, k, v, W, *args, out=out, valid=valid)[:5]
 
 
 @traced_cache(maxsize=256)
