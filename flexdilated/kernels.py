@@ -27,7 +27,8 @@ SLAB_SCORES = 2**24  # score elements per slab in the math route (64 MiB in floa
 # Flex's backward tiles (BLOCK_M1, BLOCK_N1, BLOCK_M2, BLOCK_N2, num_stages, num_warps) for fp16/bf16 on sm90 (H100,
 # H200), by head dim. `perf/sweep_backward.py` on the H200 (torch 2.11), fwd+bwd of (128, 8, 2048, 64) bf16 over
 # SDPA's: flex's default (64, 128, 128, 64, 3, 8) 1.34 (causal 1.27); (64, 64, 64, 64, 3, 4) 1.23 (1.16); these
-# 1.22 (1.13). Other GPUs, dtypes and head dims keep flex's defaults (not measured; a tile may not fit their memory).
+# 1.22 (1.13). At D 128 flex's default wins: 1.25 (causal 1.27); (64, 64, 64, 64, 3, 4) 1.25 (1.26); these 2.18
+# (2.18). Other GPUs, dtypes and head dims keep flex's defaults (not measured; a tile may not fit their memory).
 BACKWARD_TILES = {64: (32, 128, 128, 32, 3, 4)}
 
 
