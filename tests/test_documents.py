@@ -48,9 +48,10 @@ def test_documents_match_the_reference(problem):
         torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-10)
 
 
-def packed_problem(problem, data):
+def packed_problem(problem, data, padded: bool):
     """A strided problem (`strided_problems`) lengthened by a partial chunk, with (B, N) document ids: up to 3
-    document boundaries per row. Returns spec, B, H, Hkv, N, seed, W, ids."""
+    document boundaries per row, and if ``padded`` a random key_padding_mask (30 % of keys). Returns spec, B, H, Hkv,
+    N, seed, W, ids, pad."""
     spec, B, H, Hkv, N, _, seed = problem
     W = max(spec.segment_lengths)
     N += data.draw(st.integers(0, W - 1))
@@ -59,7 +60,8 @@ def packed_problem(problem, data):
     for b in range(B):
         for c in data.draw(st.sets(st.integers(1, N - 1), max_size=3)):
             ids[b, c:] += 1
-    return spec, B, H, Hkv, N, seed, W, ids
+    pad = torch.rand(B, N, generator=torch.Generator().manual_seed(seed)) < 0.3 if padded else None
+    return spec, B, H, Hkv, N, seed, W, ids, pad
 
 
 def aligned_fits(ids: torch.Tensor, W: int) -> bool:
@@ -78,9 +80,8 @@ def test_packed_route_matches_the_reference(problem, data, layout, padded):
     import flexdilated.attention as attention
     import flexdilated.documents as documents
 
-    spec, B, H, Hkv, N, seed, W, ids = packed_problem(problem, data)
+    spec, B, H, Hkv, N, seed, W, ids, pad = packed_problem(problem, data, padded)
     q, k, v = inputs(B, H, Hkv, N, 16, seed, layout)
-    pad = torch.rand(B, N, generator=torch.Generator().manual_seed(seed)) < 0.3 if padded else None
     results, keys = [], []
     packed = documents.packed_attention
     with cuda_dispatch_eagerly(), recording_keys(keys), \
@@ -102,10 +103,9 @@ def test_packed_route_matches_the_reference(problem, data, layout, padded):
 def test_packed_route_gradients_match_the_reference(problem, data, layout, padded):
     """Gradients through CUDA's packed route (run eagerly here: the aligned copies and their gathering backward,
     the strided route over the aligned sequence with the gaps' key blocks skipped) equal the float64 reference's."""
-    spec, B, H, Hkv, N, seed, W, ids = packed_problem(problem, data)
+    spec, B, H, Hkv, N, seed, W, ids, pad = packed_problem(problem, data, padded)
     assume(aligned_fits(ids, W))
     q, k, v = (x.requires_grad_() for x in inputs(B, H, Hkv, N, 16, seed, layout))
-    pad = torch.rand(B, N, generator=torch.Generator().manual_seed(seed)) < 0.3 if padded else None
     with cuda_dispatch_eagerly():
         out, lse = dilated_attention(q, k, v, spec, scale=0.5, return_lse=True, key_padding_mask=pad, document_ids=ids)
     ref, ref_lse = reference_dilated_attention(q, k, v, spec, scale=0.5, return_lse=True, key_padding_mask=pad,
