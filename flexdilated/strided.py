@@ -537,8 +537,8 @@ def strided_attention(q, k, v, spec: DilatedSpec, classes: tuple[HeadClass, ...]
 def _call(q, k, v, W: int, classes: tuple[HeadClass, ...], causal: bool, scale: float, out=None, key_ok=None,
           row_ok=None):
     """One compiled `_strided_attention` on (B, H, N, D) tensors, and key and row flags (B, N) or bounds (B, C, 2)
-    (`strided_attention`): (out, lse) of the first N - N % W tokens, and q, k, v's last N % W;
-    traced in place under an enclosing torch.compile."""
+    (`strided_attention`): (out, lse) of the first N - N % W tokens, and copies of q's, k's and v's last W tokens
+    (empty where W divides N); traced in place under an enclosing torch.compile."""
     tables = _tables(classes, causal, q.device)
     valid = None
     if key_ok is not None:
