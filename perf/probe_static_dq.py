@@ -4,8 +4,8 @@
 
 1. The route as main compiles it (B and N symbolic) against the same route with static shapes (its
    `maybe_mark_dynamic` marks switched off), on one input: differences of out, LSE, dq, dk, dv, and the heads and
-   rows where dq differs. (H200, torch 2.11: out, LSE, dk, dv equal; dq wrong on heads 1-7, the classes of offset
-   > 0, up to 1.4 where |dq| <= 3.8.)
+   rows where dq differs. (H200, torch 2.11: out, LSE, dk, dv equal; dq wrong on heads 1-7, up to 1.4 where
+   |dq| <= 3.8: right only on head 0, the one head that comes first in every class it is in.)
 2. Compiled flex alone on one class's strided views (offset 0 and 1; views made inside the compiled function, as
    in the route, or outside; static and dynamic) against flex on contiguous copies. (H200: all equal, so this
    does not reproduce 1.)
