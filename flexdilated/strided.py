@@ -504,6 +504,7 @@ def strided_attention(q, k, v, spec: DilatedSpec, classes: tuple[HeadClass, ...]
     B, H, N, D = q.shape
     W, g = max(spec.segment_lengths), H // k.shape[1]
     N -= N % W
+    tail = [x[:, :, N:] for x in (q, k, v)]  # views; one compiled call returns copies instead (their gradients)
     G = _heads_per_call(classes, B, H, k.shape[1], N, D)
     everything = (slice(None),) * 3
     groups = [(everything, classes)] if G == H else [
@@ -524,14 +525,14 @@ def strided_attention(q, k, v, spec: DilatedSpec, classes: tuple[HeadClass, ...]
             out, lse, *lasts = results[0]
             return out, lse, [x[:, :, W - (q.shape[2] - N) :] for x in lasts]  # the tail, of the copies
         out, lse = (torch.cat(x, 1).view(B, H, *x[0].shape[2:]) for x in list(zip(*results))[:2])  # (b, h) order
-        return out, lse, [x[:, :, N:] for x in (q, k, v)]
+        return out, lse, tail
     out, lse = q.new_empty(B, H, N, D), q.new_empty(B, H, N, dtype=torch.float32)
     for (b, hq, hk), cls in groups:
         for a in range(0, N, slab * W):
             rows = slice(a, a + slab * W)
             part = q[b, hq, rows], k[b, hk, rows], v[b, hk, rows]
             lse[b, hq, rows] = _call(*part, W, cls, spec.causal, scale, out[b, hq, rows], *flags(b, rows))[1]
-    return out, lse, [x[:, :, N:] for x in (q, k, v)]
+    return out, lse, tail
 
 
 def _call(q, k, v, W: int, classes: tuple[HeadClass, ...], causal: bool, scale: float, out=None, key_ok=None,
