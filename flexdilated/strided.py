@@ -188,8 +188,8 @@ def _place_all(parts: list[tuple[HeadClass, torch.Tensor]], num_heads: int, segm
 def _class_view(x: torch.Tensor, cls: HeadClass) -> torch.Tensor:
     """The inverse of `_place` for one class, as `_folded_view` reads q: x (B, H, S*w) in natural order -> its rows
     (B, n, S, L), a view: row i of offset o is position ``i*r + o`` of its segment."""
-    start, stop, step = cls.q_heads
-    return x[:, start:stop:step].unflatten(2, (-1, cls.branch.segment))[..., cls.offset :: cls.branch.rate]
+    x = _every(x, 1, *cls.q_heads).unflatten(2, (-1, cls.branch.segment))
+    return _every(x, 3, cls.offset, cls.branch.segment, cls.branch.rate)
 
 
 def _head_spans(by_pattern: dict[int, list], num_heads: int) -> list[tuple[int, int, int]] | None:
@@ -240,11 +240,23 @@ def _batch_fold(q, k, v, cls: HeadClass) -> str | None:
 def _folded_view(x: torch.Tensor, heads: tuple[int, int, int], segment: int, rate: int, offset: int, fold: str):
     """(B, H, C, W, D) -> the class's rows as flex's (batch, heads, L, D), a view (the caller checked
     `_batch_fold`): (S, B * n, L, D) when the batch folds into the heads, (B * S, n, L, D) into the segments."""
-    start, stop, step = heads
-    x = x[:, start:stop:step]  # (B, n, C, W, D)
+    x = _every(x, 1, *heads)  # (B, n, C, W, D)
     x = x.flatten(0, 1) if fold == "heads" else x.transpose(0, 1).flatten(1, 2)  # (B*n, C, W, D) | (n, B*C, W, D)
     x = x.unflatten(2, (x.shape[2] // segment, segment)).flatten(1, 2)  # (., S', w, D)
-    return x[:, :, offset::rate].transpose(0, 1)
+    return _every(x, 2, offset, segment, rate).transpose(0, 1)
+
+
+def _every(x: torch.Tensor, dim: int, start: int, stop: int, step: int) -> torch.Tensor:
+    """``x`` at ``start, start + step, ... < stop`` along ``dim`` (a static size), a view. Where that runs to the end
+    of a size that ``step`` divides, it is ``dim`` unflattened to (size / step, step) with index ``start`` selected:
+    its gradient then reads entry ``i // step`` where ``i % step == start``. A strided slice's gradient reads
+    ``(i - start) // step``; summed over the classes into dq (dk, dv) in one fused kernel, Triton 3.6 (torch 2.11)
+    miscompiled that when Inductor's shapes were static, as in a user's own torch.compile: dq 37 % wrong on the H200,
+    right without Inductor's divisible-by-16 hints to Triton or without fusion (`perf/NOTES.md` attempt 20)."""
+    size = x.shape[dim]
+    if step > 1 and size % step == 0 and start < step and stop > start + size - step:
+        return x.unflatten(dim, (size // step, step)).select(dim + 1, start)
+    return x.narrow(dim, start, stop - start) if step == 1 else x[(slice(None),) * dim + (slice(start, stop, step),)]
 
 
 def _unfold(x: torch.Tensor, batch: int, fold: str) -> torch.Tensor:
