@@ -45,7 +45,7 @@ class RotaryEmbedding(nn.Module):
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate channel pairs (x_2i, x_2i+1) by the angle whose (scaled) cosine and sine are given, (N, D/2)."""
-    even, odd = x.unflatten(-1, (-1, 2)).unbind(-1)  # not x[..., 1::2]: its gradient is what Triton miscompiled in
-    # the strided route's static graphs (`strided._every`)
+    # pairs by unflatten, not x[..., 1::2]: that slice's gradient is what Triton miscompiled in static graphs
+    even, odd = x.unflatten(-1, (-1, 2)).unbind(-1)  # (`strided._every`, `perf/NOTES.md` attempt 20)
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     return torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1).flatten(-2)

@@ -256,7 +256,7 @@ def _every(x: torch.Tensor, dim: int, start: int, stop: int, step: int) -> torch
     size = x.shape[dim]
     if step > 1 and size % step == 0 and start < step and stop > start + size - step:
         return x.unflatten(dim, (size // step, step)).select(dim + 1, start)
-    return x.narrow(dim, start, stop - start) if step == 1 else x[(slice(None),) * dim + (slice(start, stop, step),)]
+    return x[(slice(None),) * dim + (slice(start, stop, step),)]
 
 
 def _unfold(x: torch.Tensor, batch: int, fold: str) -> torch.Tensor:
