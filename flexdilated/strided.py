@@ -567,15 +567,9 @@ def _call(q, k, v, W: int, classes: tuple[HeadClass, ...], causal: bool, scale: 
     args = classes, *tables, causal, scale
     if torch.compiler.is_compiling():
         return _strided_attention(q, k, v, W, *args, None, valid)[:5]
-    for x in (q, k, v):
-        torch._dynamo.maybe_mark_dynamic(x, 2)  # the length: one kernel for every N
-        torch._dynamo.maybe_mark_dynamic(x, 0)  # the batch size (dynamic where it folds into flex's segments)
-    for x in torch.utils._pytree.tree_leaves(valid) if valid is not None else ():  # tables and flags
-        torch._dynamo.maybe_mark_dynamic(x, 0)
-        if x.dim() > 2:
-            torch._dynamo.maybe_mark_dynamic(x, 1)
-    if out is not None:
-        torch._dynamo.maybe_mark_dynamic(out, 2)
+    # No dynamic marks: the first compile is static (31 s cold instead of 76 at B 8, and 1.18 instead of 1.21 x the
+    # dense core, `perf/NOTES.md` attempt 19); a changed B or N recompiles once with that size symbolic (Dynamo's
+    # automatic dynamic shapes), then serves every later value.
     return compiled_call(_compiled, q, k, v, W, *args, out=out, valid=valid)[:5]
 
 
