@@ -199,6 +199,23 @@ def _sample(logits: torch.Tensor, temperature: float, top_k: int | None, generat
     return torch.multinomial(logits.softmax(-1), 1, generator=generator)
 
 
+def _decode(step, caches: list[dict], prefix: torch.Tensor, max_new_tokens: int, temperature: float,
+            top_k: int | None, generator, eos_token: int | None) -> torch.Tensor:
+    """The generation loop of both models: ``step(tokens, caches)`` -> logits, the prefix whole, then each sampled
+    token; with ``eos_token`` finished rows repeat it and the loop stops once all are finished."""
+    tokens, new = prefix, prefix
+    done = torch.zeros(prefix.shape[0], dtype=torch.bool, device=prefix.device)
+    for _ in range(max_new_tokens):
+        new = _sample(step(new, caches)[:, -1].float(), temperature, top_k, generator).to(tokens.dtype)
+        if eos_token is not None:
+            new = new.masked_fill(done[:, None], eos_token)
+            done |= new[:, 0] == eos_token
+        tokens = torch.cat((tokens, new), dim=1)
+        if eos_token is not None and bool(done.all()):
+            break
+    return tokens
+
+
 def _rotary(position: str | None, head_dim: int, causal: bool) -> RotaryEmbedding | None:
     allowed = ("xpos", "rope", None) if causal else ("rope", None)
     if position not in allowed:
@@ -312,22 +329,37 @@ class LongNetLM(nn.Module):
         prompt: torch.Tensor,
         max_new_tokens: int,
         *,
+        prompt_padding_mask: torch.Tensor | None = None,
         temperature: float = 1.0,
         top_k: int | None = None,
         generator: torch.Generator | None = None,
+        eos_token: int | None = None,
     ) -> torch.Tensor:
-        """Sample ``max_new_tokens`` after ``prompt`` (B, P) with a KV cache; temperature 0 is greedy.
-        Returns (B, P + max_new_tokens)."""
+        """Sample ``max_new_tokens`` after ``prompt`` (B, P) with a KV cache; temperature 0 is greedy, ``top_k``
+        keeps the k likeliest. ``prompt_padding_mask`` (B, P) bool, True on a prefix of each row: left padding, for
+        prompts of different lengths; each row is generated as if its prompt were alone (positions, segments and
+        keys count from its first real token; greedy decoding gives each row what it gives unbatched). With
+        ``eos_token``, a row that has produced it produces only it after, and generation stops once every row has.
+        Returns (B, P + n), n = max_new_tokens unless stopped early."""
+        _check_tokens("prompt", prompt)
+        if prompt.shape[1] == 0:
+            raise ValueError("prompt must hold at least one token, got length 0")
+        _check_padding_mask("prompt_padding_mask", prompt_padding_mask, prompt)
+        _check_generate_args(max_new_tokens, temperature, top_k, self.head.out_features, eos_token)
         caches: list[dict] = [{} for _ in self.blocks]
-        tokens, step = prompt, prompt
-        for _ in range(max_new_tokens):
-            nxt = _sample(self.step(step, caches)[:, -1].float(), temperature, top_k, generator)
-            tokens = torch.cat((tokens, nxt), dim=1)
-            step = nxt
-        return tokens
+        if prompt_padding_mask is not None:
+            starts = prompt_padding_mask.sum(1)
+            if not torch.equal(torch.arange(prompt.shape[1], device=prompt.device) < starts[:, None], prompt_padding_mask):
+                raise ValueError("prompt_padding_mask must mark left padding: True on a prefix of each row, then False")
+            if bool((starts == prompt.shape[1]).any()):
+                raise ValueError("prompt_padding_mask leaves a row without a real token: each prompt needs one")
+            caches = [{"starts": starts} for _ in self.blocks]
+        return _decode(self.step, caches, prompt, max_new_tokens, temperature, top_k, generator, eos_token)
 
     def step(self, tokens: torch.Tensor, caches: list[dict]) -> torch.Tensor:
-        """Logits of ``tokens`` (B, n) following the cached ones (the whole prompt first, then one at a time)."""
+        """Logits of ``tokens`` (B, n) following the cached ones (the whole prompt first, then one at a time);
+        ``caches`` one dict per block, empty to start (or with the left padding's ``starts``,
+        `MultiheadDilatedAttention.decode`)."""
         x = self.embed(tokens)
         for block, cache in zip(self.blocks, caches):
             x = block(x, cache=cache)
@@ -524,18 +556,7 @@ class LongNet(nn.Module):
             raise ValueError("tgt_prefix must hold at least one token (a start token), got length 0")
         _check_generate_args(max_new_tokens, temperature, top_k, self.head.out_features, eos_token)
         caches = self.init_caches(src, src_key_padding_mask)
-        tokens, step = tgt_prefix, tgt_prefix
-        done = torch.zeros(tgt_prefix.shape[0], dtype=torch.bool, device=tgt_prefix.device)
-        for _ in range(max_new_tokens):
-            nxt = _sample(self.step(step, caches)[:, -1].float(), temperature, top_k, generator).to(tokens.dtype)
-            if eos_token is not None:
-                nxt = nxt.masked_fill(done[:, None], eos_token)
-                done |= nxt[:, 0] == eos_token
-            tokens = torch.cat((tokens, nxt), dim=1)
-            step = nxt
-            if eos_token is not None and done.all():
-                break
-        return tokens
+        return _decode(self.step, caches, tgt_prefix, max_new_tokens, temperature, top_k, generator, eos_token)
 
     def init_caches(self, src: torch.Tensor, src_key_padding_mask: torch.Tensor | None = None) -> list[dict]:
         """The decoding state of ``src`` (B, Ns) for `step`, one dict per decoder layer: the memory's keys and

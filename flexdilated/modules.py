@@ -257,16 +257,33 @@ class MultiheadDilatedAttention(nn.Module):
 
     def decode(self, x: torch.Tensor, cache: dict[str, torch.Tensor]) -> torch.Tensor:
         """Causal self-attention of the new tokens ``x`` (B, n, E) after the ``cache`` of earlier keys and values
-        (updated in place; empty dict to start). A prompt goes in whole (empty cache), later tokens one by one."""
-        past = cache["k"].shape[2] if cache else 0
+        (updated in place; empty dict to start). A prompt goes in whole (empty cache), later tokens one by one.
+
+        Left padding: ``cache["starts"]`` (B,) ints, set before the prompt, says that row b's first ``starts[b]``
+        tokens are padding. Each row then attends as if it began at ``starts[b]``: positions, segments and keys
+        count from there (the padding is a document of its own in the prompt, and no key of later tokens)."""
+        past = cache["k"].shape[2] if "k" in cache else 0
         if past and x.shape[1] != 1:
             raise ValueError(f"decode takes one token at a time after the prompt, got {x.shape[1]}")
-        q, k, v = self._project(x, x, x, offset=past)
-        if past:
-            k, v = torch.cat((cache["k"], k), dim=2), torch.cat((cache["v"], v), dim=2)
-            out = dilated_attention_step(q, k, v, self.specs[True])
+        starts, spec = cache.get("starts"), self.specs[True]
+        if starts is None or not bool(starts.any()):
+            q, k, v = self._project(x, x, x, offset=past)
+            if past:
+                k, v = torch.cat((cache["k"], k), dim=2), torch.cat((cache["v"], v), dim=2)
+                out = dilated_attention_step(q, k, v, spec)
+            else:
+                out = dilated_attention(q, k, v, spec)
+        elif not past:
+            ids = (torch.arange(x.shape[1], device=x.device) >= starts[:, None]).long()  # the padding: document 0
+            q, k, v = self._project(x, x, x, offset=0, positions=positions_in_document(ids))
+            out = dilated_attention(q, k, v, spec, document_ids=ids)
         else:
-            out = dilated_attention(q, k, v, self.specs[True])
+            q, k, v = self._project(x, x, x, offset=0, positions=(past - starts)[:, None])
+            k, v = torch.cat((cache["k"], k), dim=2), torch.cat((cache["v"], v), dim=2)
+            out = torch.empty_like(q)
+            for start in starts.unique().tolist():  # the rows that start alike in one step, their keys from there
+                rows = (starts == start).nonzero().flatten()
+                out[rows] = dilated_attention_step(q[rows], k[rows, :, start:], v[rows, :, start:], spec)
         cache["k"], cache["v"] = k, v
         return self._output(out)
 

@@ -71,6 +71,48 @@ def test_generate_greedy_matches_argmax_of_full_forward():
         assert out[0, p] == lm(out[:, :p])[0, -1].argmax()
 
 
+@pytest.mark.parametrize("position", ["xpos", "rope", None])
+def test_left_padded_prompts_decode_as_if_alone(position):
+    """Prompts of lengths 21, 9 and 1 in one batch, left-padded with random tokens: each row's logits, prompt and
+    steps, equal a full forward of that row alone, across segment boundaries (w = 8, 16); greedy generation gives
+    each row what it gives alone."""
+    lm = small_lm(position=position, num_kv_heads=2).eval()
+    gen = torch.Generator().manual_seed(1)
+    lengths, P, new = (21, 9, 1), 21, 14
+    tokens = torch.randint(0, 50, (3, P + new), generator=gen)  # the padding's tokens are random too
+    pad = torch.arange(P) < torch.tensor([P - n for n in lengths])[:, None]
+    caches = [{"starts": pad.sum(1)} for _ in lm.blocks]
+    steps = torch.cat([lm.step(tokens[:, :P], caches)] + [lm.step(tokens[:, p : p + 1], caches) for p in range(P, P + new)], 1)
+    for b, n in enumerate(lengths):
+        alone = lm(tokens[b : b + 1, P - n :])[0]
+        torch.testing.assert_close(steps[b, P - n :], alone, rtol=1e-9, atol=1e-9)
+    out = lm.generate(tokens[:, :P], 8, prompt_padding_mask=pad, temperature=0)
+    for b, n in enumerate(lengths):
+        assert torch.equal(out[b, P - n :], lm.generate(tokens[b : b + 1, P - n : P], 8, temperature=0)[0])
+
+
+def test_generate_eos_and_bad_arguments():
+    lm = small_lm().eval()
+    prompt = torch.randint(0, 50, (2, 5), generator=torch.Generator().manual_seed(0))
+    free = lm.generate(prompt, 6, temperature=0)
+    eos = free[0, 6].item()  # row 0's second new token: it stops there
+    out = lm.generate(prompt, 6, temperature=0, eos_token=eos)
+    first = [(row[5:] == eos).nonzero()[0].item() for row in out]  # every row produced it (else it would not stop)
+    for row, f, free_row in zip(out, first, free):
+        assert torch.equal(row[: 5 + f + 1], free_row[: 5 + f + 1]) and (row[5 + f :] == eos).all()
+    assert out.shape[1] == 5 + max(first) + 1 <= free.shape[1]
+    with pytest.raises(ValueError, match="prompt_padding_mask must mark left padding"):
+        lm.generate(prompt, 2, prompt_padding_mask=torch.tensor([[False, True] + [False] * 3] * 2))
+    with pytest.raises(ValueError, match="leaves a row without a real token"):
+        lm.generate(prompt, 2, prompt_padding_mask=torch.tensor([[True] * 5, [False] * 5]))
+    with pytest.raises(ValueError, match=r"prompt_padding_mask must be a bool tensor shaped like its tokens \(2, 5\)"):
+        lm.generate(prompt, 2, prompt_padding_mask=torch.zeros(2, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="prompt must hold at least one token"):
+        lm.generate(prompt[:, :0], 2)
+    with pytest.raises(ValueError, match="max_new_tokens must be an int >= 0"):
+        lm.generate(prompt, -1)
+
+
 def test_training_lowers_the_loss_and_checkpointing_gives_the_same_gradients():
     lm = small_lm(dropout=0.0)
     tokens = torch.arange(40).remainder(7)[None].repeat(2, 1)  # a periodic sequence: learnable
