@@ -27,10 +27,13 @@ chunked or block overlays, ``or``/``and`` mask functions) is built densely once 
 causal (or bidirectional) + key padding, else a ``ValueError``. A 4-D mask given by the user reaches the attention
 as is and is checked the same way (bool: True = attend; float: 0 = attend, ``-inf``/dtype min = masked).
 
-The pattern is laid on the index in the (padded) sequence: with left padding a token's segments shift with the
-padding length (exact dilated attention with the pad keys removed, but not what the same prompt gets unpadded,
-unless one segment covers it all). Key padding takes `dilated_attention`'s math route (no compiled flex kernel)
-on every device. Causality is the module's alone: a mask request is accepted if it is causal or bidirectional
+Left padding. The pattern counts from each row's first real key: a left-padded row gets what it gets alone, in
+training, prefill and decoding (as dense attention does up to the padding's removal; RoPE already counts
+positions from it, ``generate``'s ``position_ids``). With the pattern laid on the padded index instead, a token's
+segments would shift with the padding length. A full forward rotates each row left by its padding (two gathers;
+the padding then sits at the end, removed as keys), a call against a cache runs the rows of each padding length
+together, reading keys from their first real one. Padding after the first real key (holes, right padding) is
+removed from the keys where it lies. Causality is the module's alone: a mask request is accepted if it is causal or bidirectional
 + padding, but which of the two it was is not checked against ``is_causal``.
 
 Raises ``ValueError`` for what it cannot express: ``dropout`` > 0 (training with ``attention_dropout``),
@@ -213,9 +216,33 @@ def dilated_attention_forward(
     causal = kwargs.get("is_causal")
     causal = bool(getattr(module, "is_causal", True) if causal is None else causal)
     spec = specs[causal]
-    B, H, Nq, D = query.shape
-    pad, length = _key_padding(attention_mask, B, Nq, key.shape[2], causal)
+    Nq = query.shape[2]
+    pad, length = _key_padding(attention_mask, query.shape[0], Nq, key.shape[2], causal)
     key, value = key[:, :, :length], value[:, :, :length]  # past L: empty cache slots, future keys
+    starts = None if pad is None else (~pad).int().argmax(1)  # each row's first real key (0 if it has none)
+    if starts is None or not bool(starts.any()):
+        out = _attend(query, key, value, spec, scaling, pad, causal)
+    elif Nq == length:  # rotated left by the padding, which then sits at the end: each row as if alone
+        ahead = (torch.arange(length, device=query.device) + starts[:, None]) % length  # (B, L)
+        back = (torch.arange(length, device=query.device) - starts[:, None]) % length
+        rotate = lambda x, index: x.gather(2, index[:, None, :, None].expand_as(x))  # noqa: E731
+        out = _attend(*(rotate(x, ahead) for x in (query, key, value)), spec, scaling, pad.gather(1, ahead), causal)
+        out = rotate(out, back)
+    else:  # against a cache: the rows of each padding length together, keys from their first real one
+        out = query.new_zeros(query.shape)
+        for start in starts.unique().tolist():
+            rows = (starts == start).nonzero().flatten()
+            skip = max(0, start - (length - Nq))  # queries in the padding: 0
+            if skip < Nq:
+                rest = pad[rows, start:]
+                out[rows, :, skip:] = _attend(query[rows, :, skip:], key[rows, :, start:], value[rows, :, start:],
+                                              spec, scaling, rest if bool(rest.any()) else None, causal)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _attend(query, key, value, spec: DilatedSpec, scaling, pad, causal: bool) -> torch.Tensor:
+    """Queries at positions L - Nq .. L - 1 against the L keys, (B, H, Nq, D)."""
+    Nq, length = query.shape[2], key.shape[2]
     if Nq == length:
         out = dilated_attention(query, key, value, spec, scale=scaling, key_padding_mask=pad)
     elif not causal:
@@ -231,4 +258,4 @@ def dilated_attention_forward(
         out, _ = reference_rows(
             query, key[:, :, start:], value[:, :, start:], spec, rows, scaling, pad, key_positions=keys
         )
-    return out.transpose(1, 2).contiguous(), None
+    return out

@@ -147,21 +147,40 @@ def left_padded(pad=(0, 7)):
     return ids, mask
 
 
-def test_left_padding_equals_reference_with_key_padding():
+def test_left_padding_equals_each_row_alone():
+    """The pattern counts from each row's first real token: a left-padded row's logits are those of the row alone;
+    a hole after it is removed from the keys where it lies (the reference with that key padding, on the row alone)."""
     ids, mask = left_padded()
-    pos = positions(mask)
-    got = model(DILATED)(ids, attention_mask=mask, position_ids=pos).logits
+    mask[1, 30:33] = 0  # a hole in row 1, after its 7 tokens of padding
+    got = model(DILATED)(ids, attention_mask=mask, position_ids=positions(mask)).logits
+    torch.testing.assert_close(got[0], model(DILATED)(ids[:1]).logits[0], atol=1e-10, rtol=0)
     ref = model("fd_test_ref_dilated")
     try:
-        REF_PAD["pad"] = mask == 0
-        want = ref(ids, position_ids=pos).logits
+        REF_PAD["pad"] = mask[1:, 7:] == 0
+        want = ref(ids[1:, 7:], position_ids=positions(mask[1:, 7:])).logits[0]
     finally:
         REF_PAD.clear()
+    real = mask[1, 7:].bool()
+    torch.testing.assert_close(got[1, 7:][real], want[real], atol=1e-10, rtol=0)
+    on_index = ref(ids[1:], position_ids=positions(mask[1:])).logits[0]  # the pattern on the padded index differs
+    assert (got[1, 7:][real] - on_index[7:][real]).abs().max() > 1e-3
+
+
+def test_chunked_prefill_with_left_padding_is_exact():
+    """Chunks against the cache (1 < Nq < Nk), rows padded by 0 and 30 tokens: the first chunk ends inside row 1's
+    padding, the second starts there; the real rows' logits equal the full forward's."""
+    ids, mask = left_padded((0, 30))
+    m, pos = model(DILATED), positions(mask)
+    full = m(ids, attention_mask=mask, position_ids=pos).logits
+    name = "cache" if hasattr(m(ids[:, :1]), "cache") else "past_key_values"
+    parts, past = [], None
+    for a, b in ((0, 27), (27, 50), (50, N)):
+        step = m(ids[:, a:b], attention_mask=mask[:, :b], position_ids=pos[:, a:b], use_cache=True,
+                 **({name: past} if past is not None else {}))
+        parts.append(step.logits)
+        past = getattr(step, name)
     real = mask.bool()
-    torch.testing.assert_close(got[real], want[real], atol=1e-10, rtol=0)
-    unpadded = ref(ids, position_ids=pos).logits  # the pad keys matter: without them removed, other logits
-    assert (got[1, 7:] - unpadded[1, 7:]).abs().max() > 1e-3
-    torch.testing.assert_close(got[0], unpadded[0], atol=1e-10, rtol=0)
+    torch.testing.assert_close(torch.cat(parts, 1)[real], full[real], atol=1e-10, rtol=0)
 
 
 def test_right_padding_equals_unpadded_sequences():
@@ -180,6 +199,10 @@ def test_left_padded_generate_decodes_exactly():
     full_mask = torch.cat([mask, torch.ones(2, 6, dtype=torch.long)], 1)
     full = m(out.sequences, attention_mask=full_mask, position_ids=positions(full_mask), use_cache=False).logits
     torch.testing.assert_close(torch.stack(out.logits, 1).double(), full[:, N - 1 : N + 5], atol=1e-6, rtol=0)
+    alone = m.generate(ids[:1, 3:], attention_mask=mask[:1, 3:], max_new_tokens=6, do_sample=False,
+                       output_logits=True, return_dict_in_generate=True)  # the padded row decodes as if alone
+    assert torch.equal(out.sequences[0, 3:], alone.sequences[0])
+    torch.testing.assert_close(torch.stack(out.logits, 1)[0], torch.stack(alone.logits, 1)[0], atol=1e-6, rtol=0)
 
 
 def test_4d_masks():
