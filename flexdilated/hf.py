@@ -27,14 +27,17 @@ chunked or block overlays, ``or``/``and`` mask functions) is built densely once 
 causal (or bidirectional) + key padding, else a ``ValueError``. A 4-D mask given by the user reaches the attention
 as is and is checked the same way (bool: True = attend; float: 0 = attend, ``-inf``/dtype min = masked).
 
-Left padding. The pattern counts from each row's first real key: a left-padded row gets what it gets alone, in
-training, prefill and decoding (as dense attention does up to the padding's removal; RoPE already counts
-positions from it, ``generate``'s ``position_ids``). With the pattern laid on the padded index instead, a token's
-segments would shift with the padding length. A full forward rotates each row left by its padding (two gathers;
-the padding then sits at the end, removed as keys), a call against a cache runs the rows of each padding length
-together, reading keys from their first real one. Padding after the first real key (holes, right padding) is
-removed from the keys where it lies. Causality is the module's alone: a mask request is accepted if it is causal or bidirectional
-+ padding, but which of the two it was is not checked against ``is_causal``.
+Left padding. The pattern counts from each row's first real key (the first 1 of the 2-D mask, so a masked first
+token shifts it too): the attention of a left-padded row is what it is alone, in training, prefill and decoding,
+as dense attention's is (RoPE is relative; a model with absolute positions needs ``position_ids`` counted from the
+first real token, as ``generate`` makes them). With the pattern laid on the padded index instead, a token's
+segments would shift with the padding length. This differs from `flexdilated.dilated_attention`'s
+``key_padding_mask`` (and the modules' and `LongNetEncoder`'s), which keeps the pattern on the index (SPEC §1). A
+full forward rotates each row left by its padding (two gathers; the padding then sits at the end, masked as keys);
+a call against a cache runs the rows of each padding length together (one call per distinct length and a host
+synchronisation per layer), reading keys from their first real one. Padding after the first real key (holes,
+right padding) is removed from the keys where it lies. Causality is the module's alone: a mask request is accepted
+if it is causal or bidirectional + padding, but which of the two it was is not checked against ``is_causal``.
 
 Raises ``ValueError`` for what it cannot express: ``dropout`` > 0 (training with ``attention_dropout``),
 ``sliding_window``, ``softcap``, attention sinks (``s_aux``), ``position_bias``, ``output_attentions``.
