@@ -177,18 +177,31 @@ def routed_attention(q, k, v, spec: DilatedSpec, scale: float, key_padding_mask=
 
 
 def dilated_attention_step(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: DilatedSpec, *, scale: float | None = None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    spec: DilatedSpec,
+    *,
+    scale: float | None = None,
+    starts: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal decoding: the one query ``q`` (B, H, 1, D) at position ``p = N - 1`` against the cached keys
     ``k``, ``v`` (B, Hkv, N, D) at positions 0 .. p. Equal to row p of `dilated_attention` (``spec.causal``);
-    it reads only the keys of p's segments, at most ``max(segment_lengths)`` of them."""
+    it reads only the keys of p's segments, at most ``max(segment_lengths)`` of them.
+    ``starts`` (B,) ints: row b's first ``starts[b]`` keys are left padding, and the row attends as if it began
+    there (its padding a document of its own: `dilated_attention`'s ``document_ids``); no host synchronisation."""
     if not spec.causal:
         raise ValueError("dilated_attention_step decodes causally: spec.causal must be True")
     p = k.shape[2] - 1
-    start = min(p - p % w for w in spec.segment_lengths)
-    keys = torch.arange(start, p + 1, device=q.device)
     rows = torch.tensor([p], device=q.device)
-    out, _ = reference_rows(q, k[:, :, start:], v[:, :, start:], spec, rows, scale, key_positions=keys)
+    if starts is None:
+        start, ids = min(p - p % w for w in spec.segment_lengths), None
+    else:  # a row's segments start at most max(w) - 1 before p, wherever its own positions begin
+        start = max(0, p + 1 - max(spec.segment_lengths))
+        ids = (torch.arange(p + 1, device=q.device) >= starts[:, None]).long()
+    keys = torch.arange(start, p + 1, device=q.device)
+    out, _ = reference_rows(q, k[:, :, start:], v[:, :, start:], spec, rows, scale, key_positions=keys,
+                            document_ids=ids)
     return out
 
 

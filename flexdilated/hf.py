@@ -34,10 +34,10 @@ first real token, as ``generate`` makes them). With the pattern laid on the padd
 segments would shift with the padding length. This differs from `flexdilated.dilated_attention`'s
 ``key_padding_mask`` (and the modules' and `LongNetEncoder`'s), which keeps the pattern on the index (SPEC §1). A
 full forward rotates each row left by its padding (two gathers; the padding then sits at the end, masked as keys);
-a call against a cache runs the rows of each padding length together (one call per distinct length and a host
-synchronisation per layer), reading keys from their first real one. Padding after the first real key (holes,
-right padding) is removed from the keys where it lies. Causality is the module's alone: a mask request is accepted
-if it is causal or bidirectional + padding, but which of the two it was is not checked against ``is_causal``.
+a call against a cache takes each row's padding as a document of its own (one call for all rows). Padding after
+the first real key (holes, right padding) is removed from the keys where it lies. Causality is the module's alone:
+a mask request is accepted if it is causal or bidirectional + padding, but which of the two it was is not checked
+against ``is_causal``.
 
 Raises ``ValueError`` for what it cannot express: ``dropout`` > 0 (training with ``attention_dropout``),
 ``sliding_window``, ``softcap``, attention sinks (``s_aux``), ``position_bias``, ``output_attentions``.
@@ -231,15 +231,14 @@ def dilated_attention_forward(
         rotate = lambda x, index: x.gather(2, index[:, None, :, None].expand_as(x))  # noqa: E731
         out = _attend(*(rotate(x, ahead) for x in (query, key, value)), spec, scaling, pad.gather(1, ahead), causal)
         out = rotate(out, back)
-    else:  # against a cache: the rows of each padding length together, keys from their first real one
-        out = query.new_zeros(query.shape)
-        for start in starts.unique().tolist():
-            rows = (starts == start).nonzero().flatten()
-            skip = max(0, start - (length - Nq))  # queries in the padding: 0
-            if skip < Nq:
-                rest = pad[rows, start:]
-                out[rows, :, skip:] = _attend(query[rows, :, skip:], key[rows, :, start:], value[rows, :, start:],
-                                              spec, scaling, rest if bool(rest.any()) else None, causal)
+    elif not causal:
+        raise ValueError(f"flexdilated: non-causal attention needs as many queries as keys, got {Nq} and {length}")
+    else:  # against a cache, each row's padding a document of its own: positions count from its first real key
+        first = max(0, length - Nq + 1 - max(spec.segment_lengths))  # the earliest key any row's segments hold
+        ids = (torch.arange(length, device=query.device) >= starts[:, None]).long()
+        rows, keys = (torch.arange(a, length, device=query.device) for a in (length - Nq, first))
+        out, _ = reference_rows(query, key[:, :, first:], value[:, :, first:], spec, rows, scaling, pad[:, first:],
+                                key_positions=keys, document_ids=ids)
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -353,7 +353,8 @@ class LongNetLM(nn.Module):
                 raise ValueError("prompt_padding_mask must mark left padding: True on a prefix of each row, then False")
             if bool((starts == prompt.shape[1]).any()):
                 raise ValueError("prompt_padding_mask leaves a row without a real token: each prompt needs one")
-            caches = [{"starts": starts} for _ in self.blocks]
+            if bool(starts.any()):
+                caches = [{"starts": starts} for _ in self.blocks]
         return _decode(self.step, caches, prompt, max_new_tokens, temperature, top_k, generator, eos_token)
 
     def step(self, tokens: torch.Tensor, caches: list[dict]) -> torch.Tensor:

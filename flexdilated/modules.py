@@ -266,7 +266,7 @@ class MultiheadDilatedAttention(nn.Module):
         if past and x.shape[1] != 1:
             raise ValueError(f"decode takes one token at a time after the prompt, got {x.shape[1]}")
         starts, spec = cache.get("starts"), self.specs[True]
-        if starts is None or not bool(starts.any()):
+        if starts is None:
             q, k, v = self._project(x, x, x, offset=past)
             if past:
                 k, v = torch.cat((cache["k"], k), dim=2), torch.cat((cache["v"], v), dim=2)
@@ -280,10 +280,7 @@ class MultiheadDilatedAttention(nn.Module):
         else:
             q, k, v = self._project(x, x, x, offset=0, positions=(past - starts)[:, None])
             k, v = torch.cat((cache["k"], k), dim=2), torch.cat((cache["v"], v), dim=2)
-            out = torch.empty_like(q)
-            for start in starts.unique().tolist():  # the rows that start alike in one step, their keys from there
-                rows = (starts == start).nonzero().flatten()
-                out[rows] = dilated_attention_step(q[rows], k[rows, :, start:], v[rows, :, start:], spec)
+            out = dilated_attention_step(q, k, v, spec, starts=starts)
         cache["k"], cache["v"] = k, v
         return self._output(out)
 

@@ -44,6 +44,13 @@ def test_attention_step_is_the_last_row():
         torch.testing.assert_close(step, full[:, :, p : p + 1], rtol=1e-12, atol=1e-12)
     with pytest.raises(ValueError, match="spec.causal must be True"):
         dilated_attention_step(q[:, :, :1], k[:, :, :1], v[:, :, :1], DilatedSpec((8,), (1,)))
+    # left padding: row b begins at starts[b] (keys before it are no keys), as if alone
+    starts = torch.tensor([0, 29])
+    for p in (29, 30, 37, 52):
+        step = dilated_attention_step(q[:, :, p : p + 1], k[:, :, : p + 1], v[:, :, : p + 1], spec, starts=starts)
+        for b, s in enumerate(starts.tolist()):
+            alone = dilated_attention(*(x[b : b + 1, :, s : p + 1] for x in (q, k, v)), spec)[:, :, -1:]
+            torch.testing.assert_close(step[b : b + 1], alone, rtol=1e-12, atol=1e-12)
 
 
 def small_lm(**kwargs):
