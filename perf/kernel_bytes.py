@@ -9,7 +9,11 @@ kernels by kind (flex's forward and backward templates, Inductor's other kernels
 the costliest non-flex kernels, and the ceiling they are measured against: a plain device copy of 1 GiB. Eager
 kernels (autograd's sums into .grad, eager gathers) are not compiled and not listed: `profile_core.py` times them.
 The profiler replaces the kernels' results by their timings (a kernel runs only while benchmarked, on copies of
-its in-place arguments): the numbers are times, the outputs are not to be used.
+its in-place arguments): the numbers are times, the outputs are not to be used. A kernel's time alone can be far
+from its time in the step (the views' gradient assembly `..._20`: 10.2 ms alone, where all of Inductor's other
+kernels took 3.3 ms in the step, `perf/results/kernel_bytes_views.txt`; copies of its in-place argument timed
+with it are the likely cause, not checked): for time in the step use `profile_core.py`, and this listing for the
+bytes, which at the ceiling give the least time the kernels can take.
 """
 
 from __future__ import annotations
