@@ -22,9 +22,13 @@ drop padding; its ``sdpa``/``eager`` masks are dense (B, 1, Nq, Nk) tensors, O(N
 attention is for. So the mask function registered here returns, like the flash-attention one, either ``None`` (no
 padding) or the 2-D bool keep-mask (B, L) (True = a real token) over key positions ``0 .. L - 1``, L = the query
 offset + Nq: cache slots past L (a ``StaticCache``) are future keys, dropped. A plain causal or bidirectional mask
-request is read without materialising anything; any other (packed sequences from ``position_ids``, sliding windows,
-chunked or block overlays, ``or``/``and`` mask functions) is built densely once and accepted only if it equals
-causal (or bidirectional) + key padding, else a ``ValueError``. A 4-D mask given by the user reaches the attention
+request is read without materialising anything. So is transformers' request for packed sequences (causal
+training with ``position_ids`` that restart and no ``attention_mask``, as ``DataCollatorWithFlattening`` makes
+them): as flash attention does, the attention then reads the sequences from the ``position_ids`` the model passes
+it (one host synchronisation per layer tells packed rows from plain ones) and attends each alone
+(`dilated_attention`'s ``document_ids``: segments, offsets and causality from each sequence's first token). Any
+other request (sliding windows, chunked or block overlays, ``or``/``and`` mask functions) is built densely once
+and accepted only if it equals causal (or bidirectional) + key padding, else a ``ValueError``. A 4-D mask given by the user reaches the attention
 as is and is checked the same way (bool: True = attend; float: 0 = attend, ``-inf``/dtype min = masked).
 
 Left padding. The pattern counts from each row's first real key (the first 1 of the 2-D mask, so a masked first
@@ -45,12 +49,15 @@ Raises ``ValueError`` for what it cannot express: ``dropout`` > 0 (training with
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import (
     AttentionMaskInterface,
     bidirectional_mask_function,
     causal_mask_function,
+    find_packed_sequence_indices,
     prepare_padding_mask,
     sdpa_mask,
 )
@@ -124,7 +131,10 @@ def padding_mask(
         keep = torch.ones(batch_size, length, dtype=torch.bool, device=device)
     else:
         keep = prepare_padding_mask(attention_mask.bool(), length, 0)[:, :length]
-    if mask_function is not causal_mask_function and mask_function is not bidirectional_mask_function:
+    plain = mask_function is causal_mask_function or mask_function is bidirectional_mask_function
+    if not plain and attention_mask is None and _packed_request(mask_function):
+        return None  # packed sequences: the attention reads them from position_ids, as flash attention does
+    if not plain:
         dense = sdpa_mask(
             batch_size=batch_size,
             q_length=q_length,
@@ -139,11 +149,28 @@ def padding_mask(
         )
         if not any(torch.equal(dense, _expected(keep, q_length, kv_length, causal)) for causal in (True, False)):
             raise ValueError(
-                "flexdilated can only apply causal (or bidirectional) attention + key padding; this model asked for "
-                "another mask (packed sequences in position_ids, a sliding window, chunked/blockwise or custom mask "
-                "functions), which dilated attention cannot express"
+                "flexdilated can only apply causal (or bidirectional) attention + key padding, or packed sequences "
+                "given by position_ids alone; this model asked for another mask (a sliding window, chunked/blockwise "
+                "or custom mask functions, packing with an attention_mask), which dilated attention cannot express"
             )
     return None if length == kv_length and bool(keep.all()) else keep
+
+
+def _packed_request(mask_function) -> bool:
+    """Whether ``mask_function`` is what transformers' causal mask asks for packed sequences (``position_ids``
+    that restart, no ``attention_mask``, no cache): ``and_masks(causal on each sequence's own positions, same
+    sequence)``, recognised by its parts (a changed transformers falls back to the dense check, which raises)."""
+
+    def parts(fn) -> dict:
+        return inspect.getclosurevars(fn).nonlocals if inspect.isfunction(fn) else {}
+
+    functions = parts(mask_function).get("mask_functions")
+    if getattr(mask_function, "__qualname__", "") != "and_masks.<locals>.and_mask" or not isinstance(functions, tuple):
+        return False
+    names = [getattr(f, "__qualname__", "") for f in functions]
+    return names == ["remap_positions_for_packed_sequence.<locals>.inner_mask",
+                     "packed_sequence_mask_function.<locals>.inner_mask"] and \
+        parts(functions[0]).get("mask_function") is causal_mask_function
 
 
 def _expected(keep: torch.Tensor, q_length: int, kv_length: int, causal: bool) -> torch.Tensor:
@@ -223,7 +250,11 @@ def dilated_attention_forward(
     pad, length = _key_padding(attention_mask, query.shape[0], Nq, key.shape[2], causal)
     key, value = key[:, :, :length], value[:, :, :length]  # past L: empty cache slots, future keys
     starts = None if pad is None else (~pad).int().argmax(1)  # each row's first real key (0 if it has none)
-    if starts is None or not bool(starts.any()):
+    documents = _documents(kwargs.get("position_ids"), query.shape[0], length) if attention_mask is None and \
+        Nq == length else None
+    if documents is not None:  # packed sequences, each attended alone
+        out = dilated_attention(query, key, value, spec, scale=scaling, document_ids=documents)
+    elif starts is None or not bool(starts.any()):
         out = _attend(query, key, value, spec, scaling, pad, causal)
     elif Nq == length:  # rotated left by the padding, which then sits at the end: each row as if alone
         ahead = (torch.arange(length, device=query.device) + starts[:, None]) % length  # (B, L)
@@ -240,6 +271,15 @@ def dilated_attention_forward(
         out, _ = reference_rows(query, key[:, :, first:], value[:, :, first:], spec, rows, scaling, pad[:, first:],
                                 key_positions=keys, document_ids=ids)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _documents(position_ids: torch.Tensor | None, batch: int, length: int) -> torch.Tensor | None:
+    """Packed sequences: a sequence starts wherever ``position_ids`` (B or 1, L) do not step by one. Their ids
+    (B, L) for `dilated_attention`'s ``document_ids``, or None where every row is one sequence (one host
+    synchronisation; traced, transformers' own test is skipped and the ids are always returned)."""
+    if position_ids is None or position_ids.dim() != 2 or position_ids.shape[-1] != length:
+        return None
+    return find_packed_sequence_indices(position_ids.expand(batch, -1))
 
 
 def _attend(query, key, value, spec: DilatedSpec, scaling, pad, causal: bool) -> torch.Tensor:

@@ -221,11 +221,31 @@ def test_4d_masks():
         m(ids, attention_mask=additive + 0.5 * causal_pad)
 
 
-def test_packed_sequences_raise():
+def test_packed_sequences_equal_each_sequence_alone():
+    """Packed training rows (``position_ids`` restarting, no attention_mask, as DataCollatorWithFlattening makes
+    them): each sequence's logits equal those of the sequence alone, across segment boundaries and tails."""
     ids = tokens()
-    packed = torch.cat([torch.arange(20), torch.arange(N - 20)])[None].expand(2, -1)
+    lengths = [[20, N - 20], [7, 30, N - 37]]
+    packed = torch.stack([torch.cat([torch.arange(n) for n in row]) for row in lengths])
+    m = model(DILATED)
+    got = m(ids, position_ids=packed, use_cache=False).logits
+    for b, row in enumerate(lengths):
+        start = 0
+        for n in row:
+            alone = m(ids[b : b + 1, start : start + n], use_cache=False).logits[0]
+            torch.testing.assert_close(got[b, start : start + n], alone, rtol=1e-9, atol=1e-9)
+            start += n
+    unpacked = m(ids, use_cache=False).logits  # the same tokens as one sequence per row differ
+    assert (unpacked[0, 20:] - got[0, 20:]).abs().max() > 1e-3
+
+
+def test_other_mask_requests_raise():
+    """A mask function that is neither causal (or bidirectional) + padding nor transformers' packed request."""
+    from transformers.masking_utils import and_masks, causal_mask_function
+
+    no_first_key = and_masks(causal_mask_function, lambda b, h, q, k: k > 0)
     with pytest.raises(ValueError, match="cannot express"):
-        model(DILATED)(ids, position_ids=packed, use_cache=False)
+        fhf.padding_mask(2, 16, 16, mask_function=no_first_key)
 
 
 def test_unsupported_raise():
