@@ -23,10 +23,10 @@ attention is for. So the mask function registered here returns, like the flash-a
 padding) or the 2-D bool keep-mask (B, L) (True = a real token) over key positions ``0 .. L - 1``, L = the query
 offset + Nq: cache slots past L (a ``StaticCache``) are future keys, dropped. A plain causal or bidirectional mask
 request is read without materialising anything. So is transformers' request for packed sequences (causal
-training with ``position_ids`` that restart and no ``attention_mask``, as ``DataCollatorWithFlattening`` makes
-them): as flash attention does, the attention then reads the sequences from the ``position_ids`` the model passes
-it (one host synchronisation per layer tells packed rows from plain ones) and attends each alone
-(`dilated_attention`'s ``document_ids``: segments, offsets and causality from each sequence's first token). Any
+attention with ``position_ids`` that restart, no ``attention_mask`` and no cache, as ``DataCollatorWithFlattening``
+makes them): recognised by its parts, it is answered with the sequence ids it holds (`PackedSequences`), and the
+attention attends each sequence alone (`dilated_attention`'s ``document_ids``: segments, offsets and causality from
+each sequence's first token), where transformers asks for it and only there, as sdpa's and eager's masks do. Any
 other request (sliding windows, chunked or block overlays, ``or``/``and`` mask functions) is built densely once
 and accepted only if it equals causal (or bidirectional) + key padding, else a ``ValueError``. A 4-D mask given by the user reaches the attention
 as is and is checked the same way (bool: True = attend; float: 0 = attend, ``-inf``/dtype min = masked).
@@ -50,6 +50,7 @@ Raises ``ValueError`` for what it cannot express: ``dropout`` > 0 (training with
 from __future__ import annotations
 
 import inspect
+from typing import NamedTuple
 
 import torch
 from transformers import AttentionInterface
@@ -57,7 +58,6 @@ from transformers.masking_utils import (
     AttentionMaskInterface,
     bidirectional_mask_function,
     causal_mask_function,
-    find_packed_sequence_indices,
     prepare_padding_mask,
     sdpa_mask,
 )
@@ -132,8 +132,9 @@ def padding_mask(
     else:
         keep = prepare_padding_mask(attention_mask.bool(), length, 0)[:, :length]
     plain = mask_function is causal_mask_function or mask_function is bidirectional_mask_function
-    if not plain and attention_mask is None and _packed_request(mask_function):
-        return None  # packed sequences: the attention reads them from position_ids, as flash attention does
+    sequences = None if plain or attention_mask is not None else _packed_sequences(mask_function)
+    if sequences is not None:
+        return PackedSequences(sequences[:, :length])
     if not plain:
         dense = sdpa_mask(
             batch_size=batch_size,
@@ -156,21 +157,31 @@ def padding_mask(
     return None if length == kv_length and bool(keep.all()) else keep
 
 
-def _packed_request(mask_function) -> bool:
-    """Whether ``mask_function`` is what transformers' causal mask asks for packed sequences (``position_ids``
-    that restart, no ``attention_mask``, no cache): ``and_masks(causal on each sequence's own positions, same
-    sequence)``, recognised by its parts (a changed transformers falls back to the dense check, which raises)."""
+class PackedSequences(NamedTuple):
+    """What the mask function hands the attention for packed sequences: each token's sequence id (B, L)."""
+
+    ids: torch.Tensor
+
+
+def _packed_sequences(mask_function) -> torch.Tensor | None:
+    """The sequence ids (B, L) if ``mask_function`` is what transformers' causal mask asks for packed sequences
+    (``position_ids`` that restart, no ``attention_mask``, no cache): ``and_masks(causal on each sequence's own
+    positions, same sequence)``, recognised by its parts; else None (a changed transformers falls back to the dense
+    check, which raises)."""
 
     def parts(fn) -> dict:
         return inspect.getclosurevars(fn).nonlocals if inspect.isfunction(fn) else {}
 
     functions = parts(mask_function).get("mask_functions")
     if getattr(mask_function, "__qualname__", "") != "and_masks.<locals>.and_mask" or not isinstance(functions, tuple):
-        return False
+        return None
     names = [getattr(f, "__qualname__", "") for f in functions]
-    return names == ["remap_positions_for_packed_sequence.<locals>.inner_mask",
-                     "packed_sequence_mask_function.<locals>.inner_mask"] and \
-        parts(functions[0]).get("mask_function") is causal_mask_function
+    if names != ["remap_positions_for_packed_sequence.<locals>.inner_mask",
+                 "packed_sequence_mask_function.<locals>.inner_mask"]:
+        return None
+    ids = parts(functions[1]).get("packed_sequence_mask")
+    causal = parts(functions[0]).get("mask_function") is causal_mask_function
+    return ids if causal and isinstance(ids, torch.Tensor) and ids.dim() == 2 else None
 
 
 def _expected(keep: torch.Tensor, q_length: int, kv_length: int, causal: bool) -> torch.Tensor:
@@ -247,14 +258,17 @@ def dilated_attention_forward(
     causal = bool(getattr(module, "is_causal", True) if causal is None else causal)
     spec = specs[causal]
     Nq = query.shape[2]
+    if isinstance(attention_mask, PackedSequences):  # each sequence alone (transformers asks only without a cache)
+        ids = attention_mask.ids.expand(query.shape[0], -1)
+        if Nq != key.shape[2] or ids.shape[1] != Nq:
+            raise ValueError(f"flexdilated: packed sequences need as many queries as keys and ids, got {Nq}, "
+                             f"{key.shape[2]} and {ids.shape[1]}")
+        out = dilated_attention(query, key, value, spec, scale=scaling, document_ids=ids)
+        return out.transpose(1, 2).contiguous(), None
     pad, length = _key_padding(attention_mask, query.shape[0], Nq, key.shape[2], causal)
     key, value = key[:, :, :length], value[:, :, :length]  # past L: empty cache slots, future keys
     starts = None if pad is None else (~pad).int().argmax(1)  # each row's first real key (0 if it has none)
-    documents = _documents(kwargs.get("position_ids"), query.shape[0], length) if attention_mask is None and \
-        Nq == length else None
-    if documents is not None:  # packed sequences, each attended alone
-        out = dilated_attention(query, key, value, spec, scale=scaling, document_ids=documents)
-    elif starts is None or not bool(starts.any()):
+    if starts is None or not bool(starts.any()):
         out = _attend(query, key, value, spec, scaling, pad, causal)
     elif Nq == length:  # rotated left by the padding, which then sits at the end: each row as if alone
         ahead = (torch.arange(length, device=query.device) + starts[:, None]) % length  # (B, L)
@@ -271,15 +285,6 @@ def dilated_attention_forward(
         out, _ = reference_rows(query, key[:, :, first:], value[:, :, first:], spec, rows, scaling, pad[:, first:],
                                 key_positions=keys, document_ids=ids)
     return out.transpose(1, 2).contiguous(), None
-
-
-def _documents(position_ids: torch.Tensor | None, batch: int, length: int) -> torch.Tensor | None:
-    """Packed sequences: a sequence starts wherever ``position_ids`` (B or 1, L) do not step by one. Their ids
-    (B, L) for `dilated_attention`'s ``document_ids``, or None where every row is one sequence (one host
-    synchronisation; traced, transformers' own test is skipped and the ids are always returned)."""
-    if position_ids is None or position_ids.dim() != 2 or position_ids.shape[-1] != length:
-        return None
-    return find_packed_sequence_indices(position_ids.expand(batch, -1))
 
 
 def _attend(query, key, value, spec: DilatedSpec, scaling, pad, causal: bool) -> torch.Tensor:

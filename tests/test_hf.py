@@ -221,13 +221,30 @@ def test_4d_masks():
         m(ids, attention_mask=additive + 0.5 * causal_pad)
 
 
-def test_packed_sequences_equal_each_sequence_alone():
+PACKED = [[20, N - 20], [7, 30, N - 37]]  # sequence lengths packed into each row
+
+
+def packed_positions(lengths=PACKED):
+    return torch.stack([torch.cat([torch.arange(n) for n in row]) for row in lengths])
+
+
+def gpt_bigcode(impl):
+    """A tiny GPTBigCode: absolute position embeddings, and its blocks do not pass position_ids to the attention."""
+    cfg = transformers.GPTBigCodeConfig(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=128)
+    torch.manual_seed(0)
+    m = transformers.GPTBigCodeForCausalLM(cfg)
+    m.set_attn_implementation(impl)
+    return m.double().eval()
+
+
+@pytest.mark.parametrize("make", [model, gpt_bigcode], ids=["llama", "gpt_bigcode"])
+def test_packed_sequences_equal_each_sequence_alone(make):
     """Packed training rows (``position_ids`` restarting, no attention_mask, as DataCollatorWithFlattening makes
-    them): each sequence's logits equal those of the sequence alone, across segment boundaries and tails."""
-    ids = tokens()
-    lengths = [[20, N - 20], [7, 30, N - 37]]
-    packed = torch.stack([torch.cat([torch.arange(n) for n in row]) for row in lengths])
-    m = model(DILATED)
+    them): each sequence's logits equal those of the sequence alone, across segment boundaries and tails, whether
+    or not the model passes position_ids to its attention (the sequences come with transformers' mask request)."""
+    ids, lengths = tokens(), PACKED
+    packed = packed_positions()
+    m = make(DILATED)
     got = m(ids, position_ids=packed, use_cache=False).logits
     for b, row in enumerate(lengths):
         start = 0
@@ -237,6 +254,16 @@ def test_packed_sequences_equal_each_sequence_alone():
             start += n
     unpacked = m(ids, use_cache=False).logits  # the same tokens as one sequence per row differ
     assert (unpacked[0, 20:] - got[0, 20:]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("use_cache", [False, True])
+def test_packed_sequences_as_sdpa(use_cache):
+    """With a pattern that covers the row (dense causal attention) packed rows give what sdpa gives, with a cache
+    too, where transformers asks for one causal mask over the row: the sequences are kept apart where it asks."""
+    ids, packed = tokens(), packed_positions()
+    got = model(FULL)(ids, position_ids=packed, use_cache=use_cache).logits
+    want = model("sdpa")(ids, position_ids=packed, use_cache=use_cache).logits
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
 
 
 def test_other_mask_requests_raise():
