@@ -44,7 +44,8 @@ a mask request is accepted if it is causal or bidirectional + padding, but which
 against ``is_causal``.
 
 Raises ``ValueError`` for what it cannot express: ``dropout`` > 0 (training with ``attention_dropout``),
-``sliding_window``, ``softcap``, attention sinks (``s_aux``), ``position_bias``, ``output_attentions``.
+``sliding_window``, ``softcap``, attention sinks (``s_aux``), ``position_bias``, ``output_attentions``, and
+flash attention's ``cu_seq_lens_q``/``cu_seq_lens_k`` without restarting ``position_ids``.
 """
 
 from __future__ import annotations
@@ -258,6 +259,11 @@ def dilated_attention_forward(
     causal = bool(getattr(module, "is_causal", True) if causal is None else causal)
     spec = specs[causal]
     Nq = query.shape[2]
+    if not isinstance(attention_mask, PackedSequences) and any(kwargs.get(f"cu_seq_lens_{x}") is not None for x in "qk"):
+        raise ValueError(
+            "flexdilated takes packed sequences from position_ids that restart (no attention_mask), not from "
+            "cu_seq_lens_q/k alone: pass position_ids (DataCollatorWithFlattening(return_position_ids=True))"
+        )
     if isinstance(attention_mask, PackedSequences):  # each sequence alone (transformers asks only without a cache)
         ids = attention_mask.ids.expand(query.shape[0], -1)
         if Nq != key.shape[2] or ids.shape[1] != Nq:

@@ -256,6 +256,19 @@ def test_packed_sequences_equal_each_sequence_alone(make):
     assert (unpacked[0, 20:] - got[0, 20:]).abs().max() > 1e-3
 
 
+def test_packed_sequences_from_flash_kwargs_alone_raise():
+    """cu_seq_lens without restarting position_ids: flash attention's varlen arguments, which the mask does not
+    carry (the rows would be attended whole)."""
+    cu = torch.tensor([0, 20, N], dtype=torch.int32)
+    with pytest.raises(ValueError, match="cu_seq_lens"):
+        model(DILATED)(tokens(batch=1), use_cache=False, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=N - 20,
+                       max_length_k=N - 20)
+    got = model(DILATED)(tokens(batch=1), position_ids=packed_positions([[20, N - 20]]), use_cache=False,
+                         cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=N - 20, max_length_k=N - 20).logits
+    want = model(DILATED)(tokens(batch=1), position_ids=packed_positions([[20, N - 20]]), use_cache=False).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=0)  # with position_ids as well: the packed route
+
+
 @pytest.mark.parametrize("use_cache", [False, True])
 def test_packed_sequences_as_sdpa(use_cache):
     """With a pattern that covers the row (dense causal attention) packed rows give what sdpa gives, with a cache
