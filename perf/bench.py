@@ -174,6 +174,18 @@ def dilated_inputs(w: Workload, N: int, mode: str):
     return q, k, v, grad, extra
 
 
+def dilated_step(w: Workload, N: int, mode: str):
+    """One `dilated_attention` call of the workload on fresh inputs, with its backward unless mode is "fwd"."""
+    q, k, v, grad, extra = dilated_inputs(w, N, mode)
+
+    def step():
+        out = dilated_attention(q, k, v, w.spec, **extra)
+        if grad is not None:
+            out.backward(grad)
+
+    return step
+
+
 def run_one(impl: str, w: Workload, N: int, mode: str, reps: int):
     if impl in ("dense_core", "sdpa_core"):
         cases = dense_core_inputs(w, N)

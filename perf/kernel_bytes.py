@@ -31,18 +31,10 @@ import torch  # noqa: E402
 
 torch._inductor.config.benchmark_harness = False  # (torch 2.11 calls the harness without its arguments, and fails)
 
-from bench import dilated_inputs, label, workloads  # noqa: E402
-from flexdilated import dilated_attention  # noqa: E402
+from bench import dilated_step, label, workloads  # noqa: E402
+from profile_core import kind  # noqa: E402
 
 LINE = re.compile(r"^\s*([\d.]+)ms\s+([\d.]+) GB\s+([\d.]+)GB/s\s+[\d.]+%\s+(\S+)")
-
-
-def kind(name: str) -> str:
-    if "flex_attention_backward" in name:
-        return "flex bwd"
-    if "flex_attention" in name or name.startswith("triton_tem"):
-        return "flex fwd"
-    return "inductor other"
 
 
 def copy_ceiling() -> float:
@@ -76,13 +68,7 @@ def main():
             continue
         N = args.length or w.lengths[0]
         for mode in args.modes.split(","):
-            q, k, v, grad, extra = dilated_inputs(w, N, mode)
-
-            def call():
-                out = dilated_attention(q, k, v, w.spec, **extra)
-                if grad is not None:
-                    out.backward(grad)
-
+            call = dilated_step(w, N, mode)
             with torch.no_grad() if mode == "fwd" else torch.enable_grad():
                 call()  # compiles; each kernel is benchmarked the first time it runs
                 torch.cuda.synchronize()
@@ -112,7 +98,7 @@ def main():
             for ms, gb, name in others[: args.rows]:
                 bound = gb / ceiling * 1e3
                 print(f"    {ms:7.3f} ms {gb:7.3f} GB {gb / (ms / 1e3) / ceiling:5.0%}  {bound:7.3f} ms  {name[:70]}")
-            del q, k, v, grad, extra
+            del call
             torch.cuda.empty_cache()
 
 

@@ -16,8 +16,7 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from bench import dilated_inputs, label, workloads
-from flexdilated import dilated_attention
+from bench import dilated_step, label, workloads
 
 
 def kind(name: str) -> str:
@@ -44,13 +43,7 @@ def main():
         torch._dynamo.reset()
         N = args.length or w.lengths[0]
         for mode in args.modes.split(","):
-            q, k, v, grad, extra = dilated_inputs(w, N, mode)
-
-            def call():
-                out = dilated_attention(q, k, v, w.spec, **extra)
-                if grad is not None:
-                    out.backward(grad)
-
+            call = dilated_step(w, N, mode)
             with torch.no_grad() if mode == "fwd" else torch.enable_grad():
                 for _ in range(3):
                     call()
@@ -79,7 +72,7 @@ def main():
             if args.out:
                 prof.export_chrome_trace(f"{args.out}/trace_{name.replace(' ', '_')}.json")
             summary.append((name, wall_ms, gpu_ms, host_ms))
-            del q, k, v, grad, extra
+            del call
             torch.cuda.empty_cache()
     print(f"\n{'case':28s} {'wall ms':>8s} {'GPU ms':>8s} {'host ms':>8s}")
     for name, wall, gpu, host in summary:
