@@ -128,14 +128,14 @@ def padding_mask(
     length = q_offset + q_length
     if length > kv_length:
         raise ValueError(f"flexdilated: queries end at position {length - 1} but only {kv_length} keys are cached")
-    if attention_mask is None:
-        keep = torch.ones(batch_size, length, dtype=torch.bool, device=device)
-    else:
-        keep = prepare_padding_mask(attention_mask.bool(), length, 0)[:, :length]
     plain = mask_function is causal_mask_function or mask_function is bidirectional_mask_function
     sequences = None if plain or attention_mask is not None else _packed_sequences(mask_function)
     if sequences is not None:
         return PackedSequences(sequences[:, :length])
+    if attention_mask is None:
+        keep = torch.ones(batch_size, length, dtype=torch.bool, device=device)
+    else:
+        keep = prepare_padding_mask(attention_mask.bool(), length, 0)[:, :length]
     if not plain:
         dense = sdpa_mask(
             batch_size=batch_size,
@@ -259,11 +259,6 @@ def dilated_attention_forward(
     causal = bool(getattr(module, "is_causal", True) if causal is None else causal)
     spec = specs[causal]
     Nq = query.shape[2]
-    if not isinstance(attention_mask, PackedSequences) and any(kwargs.get(f"cu_seq_lens_{x}") is not None for x in "qk"):
-        raise ValueError(
-            "flexdilated takes packed sequences from position_ids that restart (no attention_mask), not from "
-            "cu_seq_lens_q/k alone: pass position_ids (DataCollatorWithFlattening(return_position_ids=True))"
-        )
     if isinstance(attention_mask, PackedSequences):  # each sequence alone (transformers asks only without a cache)
         ids = attention_mask.ids.expand(query.shape[0], -1)
         if Nq != key.shape[2] or ids.shape[1] != Nq:
@@ -271,6 +266,11 @@ def dilated_attention_forward(
                              f"{key.shape[2]} and {ids.shape[1]}")
         out = dilated_attention(query, key, value, spec, scale=scaling, document_ids=ids)
         return out.transpose(1, 2).contiguous(), None
+    if any(kwargs.get(f"cu_seq_lens_{x}") is not None for x in "qk"):
+        raise ValueError(
+            "flexdilated takes packed sequences from position_ids that restart (no attention_mask), not from "
+            "cu_seq_lens_q/k alone: pass position_ids (DataCollatorWithFlattening(return_position_ids=True))"
+        )
     pad, length = _key_padding(attention_mask, query.shape[0], Nq, key.shape[2], causal)
     key, value = key[:, :, :length], value[:, :, :length]  # past L: empty cache slots, future keys
     starts = None if pad is None else (~pad).int().argmax(1)  # each row's first real key (0 if it has none)
